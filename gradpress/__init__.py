@@ -1,0 +1,21 @@
+"""gradpress: gradient compression to real bit streams, with bounds and error compensation.
+
+Implements ECQ-SGD (Wu et al., ICML 2018) and the optimal compressors of Albasyoni,
+Safaryan, Condat and Richtarik (2020). Quick start::
+
+    import gradpress
+    c = gradpress.get("qsgd", s=4)
+    payload = c.encode(grad, seed=0)      # real bytes: len(payload.to_bytes())
+    approx = c.decode(payload)
+"""
+
+from gradpress.compressors import Compressor, available, get, register
+from gradpress.errors import GradpressError, NonFiniteGradientError, PayloadError, PeerError
+from gradpress.payload import Payload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compressor", "GradpressError", "NonFiniteGradientError", "Payload", "PayloadError",
+    "PeerError", "available", "get", "register",
+]

@@ -1,0 +1,151 @@
+"""The compressor contract: an encoder to real bytes and a decoder from those bytes alone.
+
+Every compressor ``C`` is a pair (encode, decode) in the sense of Albasyoni et al. 2020,
+"Optimal Gradient Compression for Distributed and Federated Learning", Sec. 2: the encoder
+maps ``x in R^d`` to a finite bit string, the decoder maps it back to ``C(x)``. Classes of
+operators we declare (and test):
+
+* unbiased ``U(omega)``: ``E[C(x)] = x`` and ``E||C(x) - x||^2 <= omega ||x||^2``;
+* contractive ``B(alpha)``: ``||C(x) - x||^2 <= (1 - alpha) ||x||^2`` (deterministic or in
+  expectation, see ``contractive_in_expectation``).
+
+Subclasses implement ``_encode(flat, gen) -> bytes`` on a flat float32 tensor and
+``_decode(body, numel, seed, device) -> flat float32 tensor``; the base class does input
+checks, dtype/shape bookkeeping and the :class:`~gradpress.payload.Payload` header.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from gradpress.errors import NonFiniteGradientError, PayloadError
+from gradpress.payload import DTYPE_CODES, Payload, header_size
+
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+
+def check_gradient(x: torch.Tensor, what: str = "gradient") -> torch.Tensor:
+    """Validate ``x`` and return it flat as float32 on its own device (never mutates ``x``).
+
+    Raises ``TypeError``/``ValueError`` for non-tensors and non-float dtypes, and
+    :class:`NonFiniteGradientError` for NaN/Inf entries.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} has dtype {x.dtype}; gradpress compresses "
+                         f"float32, float16, bfloat16 and float64 tensors")
+    if x.is_sparse or x.is_complex():
+        raise ValueError(f"{what} must be a dense real tensor")
+    flat = x.detach().reshape(-1)
+    if flat.numel() and not bool(torch.isfinite(flat).all()):
+        n_bad = int((~torch.isfinite(flat)).sum())
+        raise NonFiniteGradientError(
+            f"{what} has {n_bad} non-finite (NaN/Inf) entries of {flat.numel()}; "
+            "fix the loss or clip, or use on_nonfinite='skip' in the DDP hook")
+    return flat.float()
+
+
+def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with ``seed`` on ``device`` (the per-call randomness)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    return g
+
+
+class Compressor(ABC):
+    """Base class: ``encode(x, seed=...) -> Payload`` and ``decode(payload) -> Tensor``.
+
+    Class attributes every compressor declares:
+
+    * ``name``: registry name (``gradpress.get(name, **kwargs)``);
+    * ``compressor_id``: the 16-bit id written in the payload header;
+    * ``unbiased``: whether ``E[C(x)] = x``;
+    * ``shared_randomness``: whether the decoder needs the encoder's seed (then the seed
+      travels in the header and counts in the bits).
+    """
+
+    name: ClassVar[str]
+    compressor_id: ClassVar[int]
+    unbiased: ClassVar[bool] = False
+    shared_randomness: ClassVar[bool] = False
+    #: ``True`` where the contraction ``||C(x)-x||^2 <= (1-alpha)||x||^2`` holds only in
+    #: expectation (randomized biased schemes).
+    contractive_in_expectation: ClassVar[bool] = False
+
+    # -- the contract -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, *, seed: int = 0) -> Payload:
+        """Compress ``x`` into a :class:`Payload`; ``x`` is never modified."""
+        flat = check_gradient(x)
+        body = b""
+        if flat.numel():
+            gen = generator_for(seed, flat.device)
+            body = self._encode(flat, gen, seed)
+        return Payload(self.compressor_id, x.dtype, tuple(x.shape), body,
+                       seed=seed if self.shared_randomness else None)
+
+    def decode(self, payload: Payload | bytes, *, device: torch.device | str = "cpu"
+               ) -> torch.Tensor:
+        """Reconstruct ``C(x)`` from the payload alone, with ``x``'s shape and dtype."""
+        if not isinstance(payload, Payload):
+            payload = Payload.from_bytes(payload)
+        if payload.compressor_id != self.compressor_id:
+            raise PayloadError(f"payload was made by compressor id {payload.compressor_id}, "
+                               f"this is {self.name!r} (id {self.compressor_id})")
+        n = payload.numel
+        if n == 0:
+            if payload.body:
+                raise PayloadError("payload of an empty tensor has a non-empty body")
+            flat = torch.zeros(0, device=device)
+        else:
+            flat = self._decode(payload.body, n, payload.seed or 0, torch.device(device))
+            if flat.shape != (n,):
+                raise PayloadError(f"decoded {tuple(flat.shape)} values, header declares {n}")
+        return flat.reshape(payload.shape).to(payload.dtype)
+
+    def compress(self, x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+        """``decode(encode(x))`` through real bytes, on ``x``'s device."""
+        return self.decode(Payload.from_bytes(self.encode(x, seed=seed).to_bytes()),
+                           device=x.device)
+
+    # -- declared properties ------------------------------------------------------------
+    def omega(self, d: int) -> float | None:
+        """Variance bound ``omega`` of an unbiased compressor in dimension ``d``."""
+        return None
+
+    def alpha(self, d: int) -> float | None:
+        """Contraction ``alpha`` of a biased compressor in dimension ``d``."""
+        return None
+
+    def expected_bits(self, d: int, shape: tuple[int, ...] | None = None) -> float:
+        """Bits of the whole payload (header included) for a ``d``-element tensor,
+        from the paper's formula; for variable-length codes, the expected (or worst) size
+        stated in the subclass docstring."""
+        ndim = 1 if shape is None else len(shape)
+        return 8.0 * header_size(ndim, seed=self.shared_randomness) + self.body_bits(d)
+
+    @abstractmethod
+    def body_bits(self, d: int) -> float:
+        """Formula for the body's bits (before byte padding) in dimension ``d``."""
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, so ``get(name, **config())`` rebuilds this compressor."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- what subclasses write ----------------------------------------------------------
+    @abstractmethod
+    def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
+        """Body bytes for a non-empty flat float32 tensor."""
+
+    @abstractmethod
+    def _decode(self, body: bytes, numel: int, seed: int, device: torch.device
+                ) -> torch.Tensor:
+        """Flat float32 tensor of ``numel`` values on ``device`` from the body bytes.
+        Must raise :class:`PayloadError` on malformed bodies."""

@@ -1,0 +1,151 @@
+"""The gradpress wire format: a small fixed header and the compressor's body bytes.
+
+Layout (little-endian, all sizes in bytes)::
+
+    magic     2   b"GP"
+    version   1   FORMAT_VERSION
+    flags     1   bit 0: CRC32 present, bit 1: seed present
+    comp_id   2   compressor id (see ``gradpress.compressors``)
+    dtype     1   0=float32 1=float16 2=bfloat16 3=float64
+    ndim      1   number of dimensions (0..8)
+    shape     4*ndim  each dimension, uint32
+    body_len  4   uint32
+    seed      8   uint64, only with flag bit 1 (shared randomness)
+    crc32     4   CRC32 of header-so-far + body, only with flag bit 0
+    body      body_len
+
+Header size is ``12 + 4*ndim`` bytes, plus 8 with a seed and 4 with a CRC. Every size
+gradpress reports is ``len(payload.to_bytes())``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from gradpress.errors import PayloadError
+
+MAGIC = b"GP"
+FORMAT_VERSION = 1
+MAX_NDIM = 8
+#: Largest element count a header may declare (2^34, 64 GiB of float32); larger is hostile.
+MAX_NUMEL = 1 << 34
+
+_FLAG_CRC = 1
+_FLAG_SEED = 2
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def header_size(ndim: int, *, seed: bool = False, crc: bool = False) -> int:
+    """Bytes of header for a tensor of ``ndim`` dimensions."""
+    return 12 + 4 * ndim + (8 if seed else 0) + (4 if crc else 0)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One compressed tensor: what travels on the wire.
+
+    ``body`` is the compressor's own bit stream; ``seed`` is set only by compressors
+    whose decoder needs the encoder's shared randomness.
+    """
+
+    compressor_id: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    body: bytes
+    seed: int | None = None
+    crc: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def __len__(self) -> int:
+        """Size in bytes of the serialized payload (the only size gradpress reports)."""
+        return header_size(len(self.shape), seed=self.seed is not None, crc=self.crc) + len(
+            self.body
+        )
+
+    @property
+    def nbits(self) -> int:
+        return 8 * len(self)
+
+    def to_bytes(self) -> bytes:
+        if self.dtype not in DTYPE_CODES:
+            raise PayloadError(f"dtype {self.dtype} cannot be serialized; use float32/16/bf16/64")
+        if len(self.shape) > MAX_NDIM:
+            raise PayloadError(f"at most {MAX_NDIM} dimensions, got {len(self.shape)}")
+        flags = (_FLAG_CRC if self.crc else 0) | (_FLAG_SEED if self.seed is not None else 0)
+        head = bytearray(MAGIC)
+        head += struct.pack(
+            "<BBHBB", FORMAT_VERSION, flags, self.compressor_id, DTYPE_CODES[self.dtype],
+            len(self.shape),
+        )
+        head += struct.pack(f"<{len(self.shape)}I", *self.shape)
+        head += struct.pack("<I", len(self.body))
+        if self.seed is not None:
+            head += struct.pack("<Q", self.seed & 0xFFFFFFFFFFFFFFFF)
+        if self.crc:
+            head += struct.pack("<I", zlib.crc32(self.body, zlib.crc32(bytes(head))))
+        return bytes(head) + bytes(self.body)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Payload:
+        """Parse bytes; raise :class:`PayloadError` on anything malformed."""
+        data = bytes(data)
+        if len(data) < 12:
+            raise PayloadError(f"payload truncated: {len(data)} bytes, header needs at least 12")
+        if data[:2] != MAGIC:
+            raise PayloadError(f"bad magic {data[:2]!r}: not a gradpress payload")
+        version, flags, comp_id, dcode, ndim = struct.unpack_from("<BBHBB", data, 2)
+        if version != FORMAT_VERSION:
+            raise PayloadError(f"payload format version {version}, this gradpress reads "
+                               f"{FORMAT_VERSION}")
+        if flags & ~(_FLAG_CRC | _FLAG_SEED):
+            raise PayloadError(f"unknown header flags 0x{flags:02x}")
+        if dcode not in CODE_DTYPES:
+            raise PayloadError(f"unknown dtype code {dcode}")
+        if ndim > MAX_NDIM:
+            raise PayloadError(f"header declares {ndim} dimensions, at most {MAX_NDIM}")
+        has_seed, has_crc = bool(flags & _FLAG_SEED), bool(flags & _FLAG_CRC)
+        hsize = header_size(ndim, seed=has_seed, crc=has_crc)
+        if len(data) < hsize:
+            raise PayloadError(f"payload truncated: {len(data)} bytes, header needs {hsize}")
+        pos = 8
+        shape = struct.unpack_from(f"<{ndim}I", data, pos)
+        pos += 4 * ndim
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel > MAX_NUMEL:
+            raise PayloadError(f"header declares {numel} elements, more than the limit "
+                               f"{MAX_NUMEL}")
+        (body_len,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        seed = None
+        if has_seed:
+            (seed,) = struct.unpack_from("<Q", data, pos)
+            pos += 8
+        if len(data) != hsize + body_len:
+            kind = "truncated" if len(data) < hsize + body_len else "extended"
+            raise PayloadError(f"payload {kind}: header declares {hsize + body_len} bytes, "
+                               f"got {len(data)}")
+        body = data[hsize:]
+        if has_crc:
+            (crc,) = struct.unpack_from("<I", data, pos)
+            if zlib.crc32(body, zlib.crc32(data[:pos])) != crc:
+                raise PayloadError("payload CRC32 mismatch: the bytes were corrupted in transit")
+        return cls(comp_id, CODE_DTYPES[dcode], tuple(shape), body, seed, has_crc)
