@@ -75,6 +75,9 @@ class Compressor(ABC):
     #: ``True`` where the contraction ``||C(x)-x||^2 <= (1-alpha)||x||^2`` holds only in
     #: expectation (randomized biased schemes).
     contractive_in_expectation: ClassVar[bool] = False
+    #: Relative tolerance of ``expected_bits`` against measured ``8*len(payload)`` on a
+    #: Gaussian vector (0 = exact up to the final byte's padding, for fixed-length codes).
+    bits_rtol: ClassVar[float] = 0.0
 
     # -- the contract -------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, seed: int = 0) -> Payload:
