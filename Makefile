@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gradpress demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gradpress tests benchmarks examples
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest

@@ -31,8 +31,9 @@ from gradpress.errors import PayloadError
 MAGIC = b"GP"
 FORMAT_VERSION = 1
 MAX_NDIM = 8
-#: Largest element count a header may declare (2^34, 64 GiB of float32); larger is hostile.
-MAX_NUMEL = 1 << 34
+#: Largest element count a header may declare (2^31, 8 GiB of float32): a larger claim is
+#: rejected before anything is allocated.
+MAX_NUMEL = 1 << 31
 
 _FLAG_CRC = 1
 _FLAG_SEED = 2
