@@ -1,0 +1,224 @@
+"""Predict data-parallel SGD speed with and without gradient compression (ECQ-SGD's model).
+
+Calibrates on this machine (compute FLOP rate of an MLP step; each compressor's encode and
+decode time and its real payload size on a seeded Gaussian chunk), then predicts step time,
+throughput and speedup for ResNet-20, ResNet-50 and a 1B-parameter model on 1..1024 workers
+over 1, 10 and 100 Gbit/s links, for fp32 ring/tree all-reduce and each compressor over
+all-gather and a parameter server. Writes speedup.png, throughput.png, breakdown.png and
+netmodel.json under --out. With --measured, also compares predictions to measured step
+times (JSON records of benchmarks/slow_network.py) and writes validation.json/.md.
+
+Example:
+  gradpress netmodel --compressors fp16,qsgd --flops 4e14 --out results/netmodel
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+HELP = "performance model: predicted speedup vs workers and bandwidth, calibrated here"
+
+DEFAULT_COMPRESSORS = "fp16,qsgd,ecq,sparse_dithering,spherical,sign"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results/netmodel"),
+                   help="output folder (default: results/netmodel)")
+    p.add_argument("--compressors", default=DEFAULT_COMPRESSORS,
+                   help="comma-separated names, each optionally name:key=value;key=value "
+                        "(unregistered names are skipped with a note; default: %(default)s)")
+    p.add_argument("--bandwidths", default="1,10,100", help="link speeds in Gbit/s")
+    p.add_argument("--max-workers", type=int, default=1024, help="largest worker count (2^k)")
+    p.add_argument("--latency-us", type=float, default=5.0, help="per-message latency (us)")
+    p.add_argument("--servers", type=int, default=1, help="parameter-server shards")
+    p.add_argument("--chunk", type=int, default=1 << 20,
+                   help="elements of the calibration vector (rates scale per element)")
+    p.add_argument("--flops", type=float, default=None,
+                   help="override the measured FLOP/s (e.g. 4e14 for an H100 in bf16)")
+    p.add_argument("--breakdown-workers", type=int, default=64,
+                   help="worker count of the time-breakdown plot")
+    p.add_argument("--measured", type=Path, default=None,
+                   help="JSON of measured step times (list of records, or {'records': [...]})"
+                        " to validate the model against")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"qsgd:s=4;bits=2"`` -> ``("qsgd", {"s": 4, "bits": 2})``."""
+    name, _, rest = spec.strip().partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(";"))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"bad compressor option {item!r} in {spec!r}; use key=value")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = val.strip()
+    return name, kwargs
+
+
+def _load_measured(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        data = data.get("records") or data.get("runs") or data.get("results") or []
+    return [r for r in data if isinstance(r, dict)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+    from tqdm import tqdm
+
+    import gradpress
+    from gradpress import netmodel as nm
+
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workers = [2**k for k in range(args.max_workers.bit_length()) if 2**k <= args.max_workers]
+    bandwidths = [float(b) * nm.GBIT for b in args.bandwidths.split(",") if b.strip()]
+
+    print("calibrating compute (MLP forward+backward+step) ...")
+    compute = nm.calibrate_compute(seed=args.seed)
+    measured_flops = compute.flops_per_s
+    if args.flops:
+        compute = nm.ComputeProfile(args.flops, compute.step_s, compute.params, compute.batch,
+                                    f"override ({args.flops:.3g} FLOP/s)")
+    print(f"  {measured_flops / 1e9:.1f} GFLOP/s measured; using {compute.flops_per_s / 1e9:.1f}")
+
+    profiles, skipped = [], []
+    specs = [parse_spec(s) for s in args.compressors.split(",") if s.strip()]
+    for name, kwargs in tqdm(specs, desc="calibrating compressors", unit="comp"):
+        if name not in gradpress.available():
+            skipped.append(name)
+            continue
+        profiles.append(nm.calibrate(gradpress.get(name, **kwargs), args.chunk, seed=args.seed))
+    if skipped:
+        print(f"note: not registered (skipped): {', '.join(skipped)}")
+    for prof in profiles:
+        print(f"  {prof.name:18s} {prof.bits_per_element:7.3f} bits/elem  "
+              f"encode {prof.encode_s * 1e3:8.2f} ms  decode {prof.decode_s * 1e3:8.2f} ms "
+              f"per {prof.chunk:,} elements")
+
+    rows = nm.predict(nm.MODELS, profiles, compute, bandwidths, workers,
+                      latency_s=args.latency_us * 1e-6, servers=args.servers)
+    _plot_grid(rows, "speedup", args.out / "speedup.png", workers, bandwidths)
+    _plot_grid(rows, "throughput", args.out / "throughput.png", workers, bandwidths)
+    _plot_breakdown(rows, args.out / "breakdown.png", args.breakdown_workers,
+                    10 * nm.GBIT if 10 * nm.GBIT in bandwidths else bandwidths[0])
+    summary = _summary(rows, max(workers))
+    print(summary)
+
+    result: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads()},
+        "compute": nm.profile_dict(compute), "measured_flops_per_s": measured_flops,
+        "compressors": [nm.profile_dict(p) for p in profiles], "skipped": skipped,
+        "models": {k: vars(m) for k, m in nm.MODELS.items()},
+        "latency_s": args.latency_us * 1e-6, "servers": args.servers, "predictions": rows,
+        "summary_markdown": summary,
+    }
+    if args.measured:
+        val = nm.validate(_load_measured(args.measured),
+                          profiles={p.name: p for p in profiles})
+        table = nm.validation_markdown(val)
+        print(table)
+        (args.out / "validation.md").write_text(table + "\n")
+        (args.out / "validation.json").write_text(json.dumps(val, indent=1))
+        result["validation"] = val
+    (args.out / "netmodel.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}/speedup.png, throughput.png, breakdown.png, netmodel.json")
+    return 0
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row["scheme"] in ("ring", "tree"):
+        return f"fp32 {row['scheme']} all-reduce"
+    return f"{row['compressor']} {'all-gather' if row['scheme'] == 'allgather' else 'PS'}"
+
+
+def _plot_grid(rows: list[dict[str, Any]], key: str, path: Path, workers: list[int],
+               bandwidths: list[float]) -> None:
+    import matplotlib.pyplot as plt
+
+    from gradpress.netmodel import MODELS
+
+    fig, axes = plt.subplots(len(MODELS), len(bandwidths), figsize=(4.2 * len(bandwidths),
+                             3.4 * len(MODELS)), squeeze=False, sharex=True)
+    for i, (mkey, model) in enumerate(MODELS.items()):
+        for j, bw in enumerate(bandwidths):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["model"] == mkey and r["bandwidth_bps"] == bw]
+            for label in dict.fromkeys(_label(r) for r in sel):
+                pts = [r for r in sel if _label(r) == label]
+                style = "--" if label.endswith("PS") else "-"
+                ax.plot([r["workers"] for r in pts], [r[key] for r in pts], style,
+                        marker=".", label=label)
+            if key == "speedup":
+                ax.plot(workers, workers, ":", color="grey", label="linear")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{model.name}, {bw / 1e9:g} Gbit/s", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(MODELS) - 1:
+                ax.set_xlabel("workers")
+            if j == 0:
+                ax.set_ylabel("speedup vs 1 worker" if key == "speedup" else "samples / s")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.suptitle(f"Predicted {key} (alpha-beta model, calibrated on this machine)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_breakdown(rows: list[dict[str, Any]], path: Path, p: int, bw: float) -> None:
+    import matplotlib.pyplot as plt
+
+    from gradpress.netmodel import MODELS
+
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4), squeeze=False)
+    for ax, (mkey, model) in zip(axes[0], MODELS.items()):
+        sel = [r for r in rows if r["model"] == mkey and r["bandwidth_bps"] == bw
+               and r["workers"] == p]
+        labels = [_label(r) for r in sel]
+        bottom = [0.0] * len(sel)
+        for part in ("compute_s", "encode_s", "comm_s", "decode_s"):
+            vals = [r[part] for r in sel]
+            ax.barh(labels, vals, left=bottom, label=part[:-2])
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{model.name}: {p} workers, {bw / 1e9:g} Gbit/s", fontsize=9)
+        ax.set_xlabel("seconds per iteration")
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _summary(rows: list[dict[str, Any]], p: int) -> str:
+    lines = [f"| model | link | fp32 ring speedup @{p} | best compressed | its speedup |"
+             " its bits/elem |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    keys = dict.fromkeys((r["model"], r["bandwidth_bps"]) for r in rows)
+    for model, bw in keys:
+        sel = [r for r in rows if r["model"] == model and r["bandwidth_bps"] == bw
+               and r["workers"] == p]
+        ring = next(r for r in sel if r["scheme"] == "ring")
+        comp = [r for r in sel if r["scheme"] in ("allgather", "ps")]
+        if comp:
+            best = max(comp, key=lambda r: r["speedup"])
+            lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | {ring['speedup']:.1f} | "
+                         f"{_label(best)} | {best['speedup']:.1f} | "
+                         f"{best['bits_per_element']:.2f} |")
+        else:
+            lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | {ring['speedup']:.1f} | - | - | - |")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""The performance model: alpha-beta collective costs, calibration from real payloads,
+predictions and validation against measured step times."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradpress
+from gradpress import netmodel as nm
+
+MB = 1e6
+
+
+def test_collectives_cost_nothing_on_one_worker():
+    net = nm.Network(1e9, latency_s=1e-3)
+    assert nm.ring_allreduce_s(MB, 1, net) == 0
+    assert nm.tree_allreduce_s(MB, 1, net) == 0
+    assert nm.allgather_s(MB, 1, net) == 0
+    assert nm.parameter_server_s(MB, MB, 1, net) == 0
+
+
+def test_ring_allreduce_matches_alpha_beta_formula():
+    a, bw, n = 2e-5, 8e9, 4e6  # 8 Gbit/s = 1 GB/s: beta = 1 ns per byte
+    net = nm.Network(bw, latency_s=a)
+    for p in (2, 3, 16, 1000):
+        expected = 2 * (p - 1) * a + 2 * (p - 1) / p * n * 1e-9
+        assert math.isclose(float(nm.ring_allreduce_s(n, p, net)), expected, rel_tol=1e-12)
+
+
+def test_ring_allreduce_bandwidth_term_tends_to_twice_the_message():
+    net = nm.Network(8e9, latency_s=0.0)
+    t = nm.ring_allreduce_s(1e6, np.array([2, 1024, 2**20]), net)
+    assert t[0] == pytest.approx(1e-3)
+    assert t[-1] == pytest.approx(2e-3, rel=1e-5)
+    assert np.all(np.diff(t) > 0)
+
+
+def test_tree_allreduce_pays_two_log_p_full_messages():
+    net = nm.Network(8e9, latency_s=1e-6)
+    assert float(nm.tree_allreduce_s(1e6, 1024, net)) == pytest.approx(2 * 10 * (1e-6 + 1e-3))
+    assert float(nm.tree_allreduce_s(1e6, 5, net)) == pytest.approx(2 * 3 * (1e-6 + 1e-3))
+
+
+def test_allgather_grows_linearly_with_workers():
+    net = nm.Network(8e9, latency_s=0.0)
+    t = nm.allgather_s(1e3, np.array([2, 3, 5, 9]), net)
+    np.testing.assert_allclose(t, np.array([1, 2, 4, 8]) * 1e-6)
+
+
+def test_parameter_server_load_splits_over_shards():
+    net = nm.Network(8e9, latency_s=0.0)
+    one = float(nm.parameter_server_s(1e3, 4e3, 100, net))
+    four = float(nm.parameter_server_s(1e3, 4e3, 100, net, servers=4))
+    assert one == pytest.approx(100 * 5e3 * 1e-9)
+    assert four == pytest.approx(one / 4)
+
+
+def test_efficiency_below_one_slows_transfers():
+    fast = nm.Network(1e8)
+    slow = nm.Network(1e8, efficiency=nm.TCP_EFFICIENCY)
+    assert float(slow.transfer_s(1e6)) == pytest.approx(float(fast.transfer_s(1e6)) * 1514 / 1448)
+
+
+@pytest.mark.parametrize("kwargs", [{"bandwidth_bps": 0}, {"bandwidth_bps": 1e9, "latency_s": -1},
+                                    {"bandwidth_bps": 1e9, "efficiency": 1.5}])
+def test_bad_network_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        nm.Network(**kwargs)
+
+
+def test_zero_workers_raise():
+    with pytest.raises(ValueError, match="workers"):
+        nm.ring_allreduce_s(1.0, 0, nm.Network(1e9))
+
+
+def test_calibrate_measures_real_payload_bytes():
+    n = 4096
+    for name in ("fp32", "fp16"):
+        comp = gradpress.get(name)
+        prof = nm.calibrate(comp, n, repeats=1, seed=3)
+        x = torch.randn(n, generator=torch.Generator().manual_seed(3))
+        assert prof.payload_bytes == len(comp.encode(x, seed=3).to_bytes())
+        assert prof.encode_s > 0 and prof.decode_s > 0
+    fp32, fp16 = (nm.calibrate(gradpress.get(c), n, repeats=1) for c in ("fp32", "fp16"))
+    assert fp32.payload_bytes - fp16.payload_bytes == 2 * n
+    assert fp32.bits_per_element == pytest.approx(32, rel=0.01)
+    assert fp32.bytes_for(10 * n) == 10 * fp32.payload_bytes
+
+
+def test_calibrate_rejects_empty_sizes():
+    with pytest.raises(ValueError, match="numel"):
+        nm.calibrate(gradpress.get("fp32"), 0)
+
+
+def test_calibrate_compute_reports_a_positive_flop_rate():
+    prof = nm.calibrate_compute(hidden=32, batch=16, steps=2)
+    assert prof.flops_per_s > 0
+    assert prof.step_time(6 * prof.params * prof.batch) == pytest.approx(prof.step_s)
+
+
+def _profile(bits: float, enc: float = 1e-3, dec: float = 1e-3) -> nm.CompressorProfile:
+    chunk = 1 << 20
+    return nm.CompressorProfile("fake", {}, chunk, int(bits * chunk / 8), enc, dec)
+
+
+def test_one_worker_step_is_pure_compute_for_every_scheme():
+    model = nm.MODELS["resnet50"]
+    net = nm.Network(1e9)
+    for scheme in nm.SCHEMES:
+        br = nm.step_time(model, 1, net, scheme, 0.25, _profile(2.0))
+        assert float(br.total) == pytest.approx(0.25)
+
+
+def test_compressed_allgather_beats_fp32_ring_only_while_workers_are_few():
+    model = nm.MODELS["resnet50"]
+    net = nm.Network(1e9, latency_s=0.0)
+    p = np.array([2, 4096])
+    ring = nm.step_time(model, p, net, "ring", 0.1).total
+    gather = nm.step_time(model, p, net, "allgather", 0.1, _profile(2.0, 0.0, 0.0)).total
+    assert gather[0] < ring[0]  # 16x fewer bytes, one peer
+    assert gather[1] > ring[1]  # (p-1) payloads of 1/16 the size vs 2 messages
+
+
+def test_compressed_schemes_need_a_profile():
+    with pytest.raises(ValueError, match="CompressorProfile"):
+        nm.step_time(nm.MODELS["resnet20"], 4, nm.Network(1e9), "allgather", 0.1)
+    with pytest.raises(ValueError, match="scheme"):
+        nm.step_time(nm.MODELS["resnet20"], 4, nm.Network(1e9), "gossip", 0.1)
+
+
+def test_predict_speedup_is_one_on_one_worker_and_grows_with_bandwidth():
+    compute = nm.ComputeProfile(1e12, 0.0, 0, 0, "test")
+    rows = nm.predict({"resnet50": nm.MODELS["resnet50"]}, [_profile(4.0)], compute,
+                      [1e9, 1e11], [1, 8, 64])
+    assert {r["speedup"] for r in rows if r["workers"] == 1} == {1.0}
+    for scheme in ("ring", "allgather"):
+        slow, fast = ([r["throughput"] for r in rows if r["scheme"] == scheme
+                       and r["workers"] == 64 and r["bandwidth_bps"] == bw] for bw in (1e9, 1e11))
+        assert fast[0] > slow[0]
+
+
+def test_validate_recovers_records_built_from_the_model():
+    net = nm.Network(1e8, latency_s=1e-3, efficiency=nm.TCP_EFFICIENCY)
+    comm = float(nm.allgather_s(2e5, 2, net, 3))
+    rec = {"compressor": "qsgd", "nproc": 2, "bandwidth_bps": 1e8, "step_time_s": 0.05 + comm,
+           "bytes_per_step": 2e5, "compute_s": 0.05, "latency_s": 1e-3, "messages": 3}
+    fp32 = dict(rec, compressor="fp32", bytes_per_step=4e6,
+                step_time_s=0.05 + float(nm.ring_allreduce_s(4e6, 2, net, 3)))
+    rows = nm.validate([rec, fp32, dict(rec, step_time_s=2 * rec["step_time_s"])])
+    assert rows[0]["rel_error"] == pytest.approx(0.0, abs=1e-12) and rows[0]["within"]
+    assert rows[1]["collective"] == "allreduce" and rows[1]["within"]
+    assert rows[2]["rel_error"] == pytest.approx(-0.5) and not rows[2]["within"]
+    table = nm.validation_markdown(rows)
+    assert table.count("\n") == 4 and "100 Mbit/s" in table
+
+
+def test_validate_uses_profiles_for_missing_codec_times():
+    prof = _profile(2.0, enc=0.01, dec=0.02)
+    rec = {"compressor": "fake", "nproc": 2, "bandwidth_bps": 1e9, "step_time_s": 1.0,
+           "bytes_per_step": 0, "compute_s": 0.5, "numel": prof.chunk, "latency_s": 0.0}
+    row = nm.validate([rec], profiles={"fake": prof})[0]
+    assert row["codec_s"] == pytest.approx(0.01 + 2 * 0.02)
+
+
+def test_validate_names_missing_fields():
+    with pytest.raises(ValueError, match="step_time_s"):
+        nm.validate([{"compressor": "fp32", "nproc": 2, "bandwidth_bps": 1e8,
+                      "bytes_per_step": 1, "compute_s": 0.1}])
