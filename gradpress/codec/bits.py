@@ -47,6 +47,74 @@ def bits_to_uint(bits: np.ndarray, width: int) -> np.ndarray:
     return (m.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
 
 
+def pack_uint8(values: np.ndarray, width: int) -> np.ndarray:
+    """Packed bytes (MSB first, last byte zero-padded) of ``values`` in ``width`` bits each,
+    ``width`` in 1..8, equal to ``np.packbits(uint_to_bits(values, width))``.
+
+    Widths 1, 2, 4, 8 use shifts on ``uint8`` lanes; 3, 5, 6, 7 pack groups of 8 values into
+    ``width`` bytes through one ``uint64`` word each. Values must already fit (unchecked).
+    """
+    if not 1 <= width <= 8:
+        raise ValueError(f"pack_uint8 takes widths 1..8, got {width}")
+    v = np.ascontiguousarray(values).reshape(-1).astype(np.uint8, copy=False)
+    n = v.size
+    per = 8 // width if 8 % width == 0 else 0
+    if per:
+        if n % per:
+            v = np.concatenate([v, np.zeros(per - n % per, dtype=np.uint8)])
+        if width == 8:
+            return v
+        if width == 1:
+            return np.packbits(v)
+        g = v.reshape(-1, per)
+        out = g[:, 0] << np.uint8(8 - width)
+        for i in range(1, per):
+            out |= g[:, i] << np.uint8(8 - width * (i + 1))
+        return out
+    if n % 8:
+        v = np.concatenate([v, np.zeros(8 - n % 8, dtype=np.uint8)])
+    g = v.reshape(-1, 8)
+    word = g[:, 0].astype(np.uint64) << np.uint64(7 * width)
+    for i in range(1, 8):
+        word |= g[:, i].astype(np.uint64) << np.uint64((7 - i) * width)
+    out = word.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width:]
+    return out.reshape(-1)[:(n * width + 7) // 8]
+
+
+def unpack_uint8(data: np.ndarray, n: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_uint8`: ``n`` values (``uint8``) from packed bytes ``data``
+    (at least ``ceil(n*width/8)`` of them; extra bytes are ignored)."""
+    if not 1 <= width <= 8:
+        raise ValueError(f"unpack_uint8 takes widths 1..8, got {width}")
+    nbytes = (n * width + 7) // 8
+    d = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if d.size < nbytes:
+        raise ValueError(f"{d.size} bytes cannot hold {n} fields of {width} bits")
+    d = d[:nbytes]
+    if width == 8:
+        return d.copy()
+    if width == 1:
+        return np.unpackbits(d, count=n)
+    if 8 % width == 0:
+        per = 8 // width
+        mask = np.uint8((1 << width) - 1)
+        out = np.empty((nbytes, per), dtype=np.uint8)
+        for i in range(per):
+            np.bitwise_and(d >> np.uint8(8 - width * (i + 1)), mask, out=out[:, i])
+        return out.reshape(-1)[:n]
+    groups = -(-n // 8)
+    padded = np.zeros((groups, 8), dtype=np.uint8)
+    body = np.zeros(groups * width, dtype=np.uint8)
+    body[:nbytes] = d
+    padded[:, 8 - width:] = body.reshape(groups, width)
+    word = padded.view(">u8").reshape(-1).astype(np.uint64)
+    mask64 = np.uint64((1 << width) - 1)
+    out = np.empty((groups, 8), dtype=np.uint8)
+    for i in range(8):
+        out[:, i] = (word >> np.uint64((7 - i) * width)) & mask64
+    return out.reshape(-1)[:n]
+
+
 def width_for(max_value: int) -> int:
     """Smallest width (>= 1) whose fields hold ``max_value``."""
     return max(1, int(max_value).bit_length())
@@ -96,6 +164,15 @@ class BitWriter:
             if v.size and (int(v.max()) >> width or int(v.min()) < 0):
                 raise ValueError(f"value does not fit in {width} bits")
             self.write_bytes(v.astype(_BYTE_WIDTHS[width]))
+        elif width < 8 and self.nbits % 8 == 0 and v.size >= 8:
+            # Fast path: pack straight to bytes (no 8x unpacked bit matrix).
+            if int(v.max()) >> width or (v.dtype.kind == "i" and int(v.min()) < 0):
+                raise ValueError(f"value does not fit in {width} bits")
+            packed = pack_uint8(v, width)
+            whole, rest = divmod(v.size * width, 8)
+            self.write_bytes(packed[:whole])
+            if rest:
+                self.write_bits(np.unpackbits(packed[whole:whole + 1])[:rest])
         else:
             self.write_bits(uint_to_bits(v, width))
 
@@ -185,7 +262,21 @@ class BitReader:
         self._need(n * width, f"{n} fields of {width} bits")
         if width in _BYTE_WIDTHS and self.pos % 8 == 0:
             return self.read_bytes(n * width // 8).view(_BYTE_WIDTHS[width])
+        if width < 8 and self.pos % 8 == 0 and n >= 8:
+            return self.read_uint8(n, width).astype(np.uint64)
         return bits_to_uint(self.read_bits(n * width), width)
+
+    def read_uint8(self, n: int, width: int) -> np.ndarray:
+        """``n`` unsigned fields of ``width <= 8`` bits as ``uint8`` (fast when aligned)."""
+        if n < 0 or not 1 <= width <= 8:
+            raise PayloadError(f"bad uint8 field request: {n} fields of {width} bits")
+        self._need(n * width, f"{n} fields of {width} bits")
+        if self.pos % 8:
+            return bits_to_uint(self.read_bits(n * width), width).astype(np.uint8)
+        start = self.pos // 8
+        out = unpack_uint8(self._data[start:start + (n * width + 7) // 8], n, width)
+        self.pos += n * width
+        return out
 
     def read_float32(self, n: int = 1) -> np.ndarray:
         return self.read_bytes(4 * n).view(">f4").astype(np.float32)
