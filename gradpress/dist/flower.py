@@ -329,6 +329,8 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
     corrupt payload or a failed client end the run with an error naming the client (else the
     client is dropped from the round and counted in ``history``). ``history`` holds one dict
     per round: uplink bytes (real payload bytes received), clients, dropped.
+    ``global_weights`` is the flat weight vector broadcast this round (set by
+    ``configure_train``; updates are decoded against its length).
     """
 
     def __init__(self, compressor: str = "fp32", compressor_kwargs: dict[str, Any] | None = None,
@@ -349,21 +351,21 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
             "batch-size": batch_size, "seed": seed, "crc": crc}
         self.server_lr, self.require_crc, self.strict = server_lr, require_crc, strict
         self.history: list[dict[str, Any]] = []
-        self._global: np.ndarray | None = None
+        self.global_weights: np.ndarray | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Any:
-        (self._global,) = arrays.to_numpy_ndarrays()
+        (self.global_weights,) = arrays.to_numpy_ndarrays()
         for key, value in self.client_config.items():
             config[key] = value
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Any
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._global is None:
+        if self.global_weights is None:
             raise RuntimeError("aggregate_train before configure_train")
         replies = list(replies)
-        total = torch.zeros(self._global.shape[0], dtype=torch.float64)
+        total = torch.zeros(self.global_weights.shape[0], dtype=torch.float64)
         n_total, uplink, framing, losses, dropped = 0, 0, 0, [], []
         for msg in replies:
             node = f"client node {msg.metadata.src_node_id}"
@@ -377,8 +379,8 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
             uplink += len(raw)
             framing += len(array.data)
             try:
-                update = decode_update(raw, self.compressor, self._global.shape[0], client=node,
-                                       require_crc=self.require_crc)
+                update = decode_update(raw, self.compressor, self.global_weights.shape[0],
+                                       client=node, require_crc=self.require_crc)
             except PayloadError as exc:
                 self._fail(exc, dropped, node)
                 continue
@@ -388,11 +390,11 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
             losses.append((n, float(metrics["train-loss"])))
         record = {"round": server_round, "clients": len(replies) - len(dropped),
                   "dropped": dropped, "uplink_bytes": uplink, "flower_array_bytes": framing,
-                  "downlink_bytes": 4 * self._global.size * len(replies)}
+                  "downlink_bytes": 4 * self.global_weights.size * len(replies)}
         self.history.append(record)
         if n_total == 0:
             return None, None
-        new = self._global + self.server_lr * (total / n_total).float().numpy()
+        new = self.global_weights + self.server_lr * (total / n_total).float().numpy()
         loss = sum(n * v for n, v in losses) / n_total
         return ArrayRecord([new.astype(np.float32)]), MetricRecord(
             {"train-loss": loss, "uplink-bytes": uplink})
