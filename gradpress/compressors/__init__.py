@@ -1,6 +1,7 @@
 """The compressor zoo. Importing this package registers every compressor."""
 
 from gradpress.compressors import identity  # noqa: F401  (registers)
+from gradpress.compressors import dithering  # noqa: F401  (registers)
 from gradpress.compressors.base import Compressor, check_gradient, generator_for
 from gradpress.compressors.registry import available, class_for_id, get, register
 

@@ -41,7 +41,9 @@ def check_gradient(x: torch.Tensor, what: str = "gradient") -> torch.Tensor:
     if x.is_sparse or x.is_complex():
         raise ValueError(f"{what} must be a dense real tensor")
     flat = x.detach().reshape(-1)
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
+    # One reduction pass (NaN propagates through min/max) instead of a bool temporary:
+    # isfinite(flat).all() costs 3-4x a clone of flat on CPU.
+    if flat.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all()):
         n_bad = int((~torch.isfinite(flat)).sum())
         raise NonFiniteGradientError(
             f"{what} has {n_bad} non-finite (NaN/Inf) entries of {flat.numel()}; "

@@ -1,0 +1,266 @@
+"""Shared hot paths of the quantizers: bucketing, chunked stochastic rounding, and fast
+variable-length fields (Elias gamma/delta in split-stream layout).
+
+Stochastic rounding. Every uniform quantizer of the zoo (QSGD, ECQ, TernGrad) maps a bucket
+``x_j`` with per-bucket multiplier ``a_j`` and offset ``c`` to integer symbols
+
+    u_i = a_j x_i + c,  sym_i = floor(u_i) + [r_i < frac(u_i)],  r_i ~ U[0, 1),
+    decoded as  (sym_i - c) / a_j,
+
+so ``E[decoded] = x`` (rounding to the two neighbouring grid points with probabilities given by
+the distance). It runs over cache-sized chunks with reused buffers: on CPU a fresh 64 MB
+temporary costs as much in page faults as ``x.clone()`` itself.
+
+Split-stream Elias codes. An Elias gamma word of ``n`` (``L = floor(log2 n)``) is ``L``
+zeros, a one, then the ``L`` low bits of ``n``: ``2L + 1`` bits. We write the unary parts of
+all words first, then all the low-bit parts. Every word keeps its length, so a stream costs
+exactly the textbook ``sum(2L_i + 1)`` bits, but decoding is vectorized: the unary lengths are
+the gaps between ones, and the low parts sit at offsets given by a cumulative sum. Delta words
+(``gamma(L + 1)`` then the ``L`` low bits, ``L + 2 floor(log2(L + 1)) + 1`` bits) are written
+the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradpress.errors import PayloadError
+
+#: Elements per chunk on CPU (256 KiB of float32: stays in L2 across the pipeline's ops).
+CHUNK = 1 << 16
+#: Longest field the window reader handles (a value's bits plus its offset fit 64 bits).
+MAX_FIELD = 57
+
+
+# -- buckets ----------------------------------------------------------------------------
+def n_buckets(d: int, bucket_size: int | None) -> int:
+    """Number of buckets of ``d`` elements (the last one may be short)."""
+    b = d if not bucket_size else bucket_size
+    return -(-d // b) if d else 0
+
+
+def bucket_reduce(flat: torch.Tensor, bucket_size: int | None, norm: str) -> torch.Tensor:
+    """Per-bucket ``l2`` norm, ``linf`` norm or ``mean_abs`` of ``flat`` (float32, on device)."""
+    d = flat.numel()
+    b = min(bucket_size or d, d)
+    nfull, tail = divmod(d, b)
+    parts = []
+    for block in (flat[:nfull * b].view(nfull, b), flat[nfull * b:].view(1, tail) if tail
+                  else None):
+        if block is None or not block.numel():
+            continue
+        if norm == "l2":
+            parts.append(torch.linalg.vector_norm(block, dim=1))
+        elif norm == "linf":
+            lo, hi = torch.aminmax(block, dim=1)
+            parts.append(torch.maximum(hi, -lo))
+        elif norm == "mean_abs":
+            parts.append(torch.linalg.vector_norm(block, ord=1, dim=1) / block.shape[1])
+        else:
+            raise ValueError(f"unknown norm {norm!r}")
+    return torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+
+
+def check_scales(scales: torch.Tensor, what: str = "bucket norm") -> None:
+    """Encoder side: every scale is finite and at most 2^126 (so decoding cannot overflow)."""
+    if not bool(torch.isfinite(scales).all()) or float(scales.max()) > 2.0**126:
+        raise ValueError(f"{what} overflows float32; scale the gradient down before "
+                         "compressing")
+
+
+def read_scales(raw: np.ndarray, what: str = "bucket norm") -> np.ndarray:
+    """Decoder side: reject non-finite, negative or huge scales from the wire."""
+    s = raw.astype(np.float32)
+    if s.size and not (np.isfinite(s).all() and s.min() >= 0 and s.max() <= 2.0**126):
+        raise PayloadError(f"payload holds an invalid {what}")
+    return s
+
+
+def _row_blocks(n: int, b: int, device: torch.device):
+    """Yield ``(start, rows, width)`` blocks covering ``n`` elements in buckets of ``b``;
+    each block is ``rows`` whole buckets (the short tail bucket is its own block)."""
+    nfull, tail = divmod(n, b)
+    per = max(1, CHUNK // b) if device.type == "cpu" else max(1, nfull)
+    for j in range(0, nfull, per):
+        yield j, min(per, nfull - j), b
+    if tail:
+        yield nfull, 1, tail
+
+
+def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor, c: float,
+                    levels: int, gen: torch.Generator) -> torch.Tensor:
+    """``uint8`` symbols ``floor(a_j x_i + c + r_i)`` clipped to ``[0, levels-1]``."""
+    n = flat.numel()
+    b = min(bucket_size or n, n)
+    out = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    m = min(n, max(b, CHUNK)) if flat.device.type == "cpu" else n
+    ubuf = torch.empty(m, device=flat.device)
+    fbuf = torch.empty(m, device=flat.device)
+    rbuf = torch.empty(m, device=flat.device)
+    for j, rows, w in _row_blocks(n, b, flat.device):
+        s0, k = j * b, rows * w
+        u = ubuf[:k].view(rows, w)
+        fl = fbuf[:k].view(rows, w)
+        torch.mul(flat[s0:s0 + k].view(rows, w), a[j:j + rows, None], out=u)
+        u.add_(c)
+        torch.floor(u, out=fl)
+        u.sub_(fl)  # exact fractional part: a point on the grid is never moved
+        rb = rbuf[:k].view(rows, w)
+        rb.uniform_(generator=gen)
+        fl.add_(rb < u).clamp_(0.0, levels - 1)
+        out[s0:s0 + k].copy_(fl.view(-1))
+    return out
+
+
+def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.Tensor,
+                      c: float) -> torch.Tensor:
+    """``(sym - c) * inv_a_j`` as float32, written chunk by chunk into one output."""
+    n = sym.numel()
+    b = min(bucket_size or n, n)
+    out = torch.empty(n, device=sym.device)
+    for j, rows, w in _row_blocks(n, b, sym.device):
+        s0, k = j * b, rows * w
+        ob = out[s0:s0 + k].view(rows, w)
+        ob.copy_(sym[s0:s0 + k].view(rows, w))
+        ob.sub_(c).mul_(inv_a[j:j + rows, None])
+    return out
+
+
+# -- variable-length fields -------------------------------------------------------------
+def floor_log2(v: np.ndarray) -> np.ndarray:
+    """``floor(log2 v)`` of positive integers below 2^53 (``int64``)."""
+    return (np.frexp(np.asarray(v, dtype=np.float64))[1] - 1).astype(np.int64)
+
+
+def pack_fields(values: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:
+    """Concatenate ``values[i]`` in ``widths[i] <= 57`` bits each (MSB first).
+
+    Returns the packed bytes (last byte zero-padded) and the exact bit count. Each field is
+    shifted into the 64-bit window at its byte offset; windows never overlap in bits, so the
+    bytes are the sums of their windows' bytes (``np.bincount``), done per byte lane and in
+    chunks of fields so the temporaries stay small.
+    """
+    v_all = np.asarray(values).reshape(-1)
+    w_all = np.asarray(widths, dtype=np.int64).reshape(-1)
+    ends = np.cumsum(w_all)
+    total = int(ends[-1]) if ends.size else 0
+    nbytes = (total + 7) // 8
+    if total == 0:
+        return np.zeros(0, dtype=np.uint8), 0
+    if int(w_all.max()) > MAX_FIELD:
+        raise ValueError(f"field wider than {MAX_FIELD} bits")
+    acc = np.zeros(nbytes + 8, dtype=np.float64)
+    step = 1 << 18
+    for i in range(0, w_all.size, step):
+        # int64 throughout: numpy's uint64-with-scalar ops are ~10x slower; bit 63 may be
+        # set (negative), which the masked byte extraction below does not mind.
+        v = v_all[i:i + step].astype(np.int64, copy=False)
+        w = w_all[i:i + step]
+        off = ends[i:i + step] - w
+        r = off & 7
+        base = off >> 3
+        b0 = int(base[0])
+        base -= b0
+        win = v << (64 - w - r)
+        win[w == 0] = 0
+        span = int(base[-1]) + 1
+        lanes = (int((r + w).max()) + 7) // 8
+        for k in range(lanes):
+            byte = ((win >> (56 - 8 * k)) & 255).astype(np.float64)
+            acc[b0 + k:b0 + k + span] += np.bincount(base, weights=byte, minlength=span)[:span]
+    return acc[:nbytes].astype(np.uint8), total
+
+
+class FieldReader:
+    """Reads fixed and split-Elias fields from packed bytes, starting at bit ``start``."""
+
+    def __init__(self, data: bytes | np.ndarray, start: int = 0) -> None:
+        raw = np.frombuffer(bytes(data), dtype=np.uint8) if isinstance(data, bytes) else data
+        self.total = 8 * raw.size
+        self._padded = np.concatenate([raw, np.zeros(8, dtype=np.uint8)])
+        self._bits: np.ndarray | None = None
+        self.pos = start
+
+    def _need(self, nbits: int, what: str) -> None:
+        if nbits < 0 or self.pos + nbits > self.total:
+            raise PayloadError(f"payload truncated while reading {what}")
+
+    def fields(self, widths: np.ndarray, what: str = "fields") -> np.ndarray:
+        """Values (``uint64``) of consecutive fields of the given widths (each <= 57)."""
+        w = np.asarray(widths, dtype=np.int64)
+        if w.size and int(w.max()) > MAX_FIELD:
+            raise PayloadError(f"{what}: field wider than {MAX_FIELD} bits")
+        total = int(w.sum())
+        self._need(total, what)
+        off = self.pos + np.cumsum(w) - w
+        windows = np.ndarray(shape=(self._padded.size - 7,), dtype=">u8",
+                             buffer=self._padded, strides=(1,))
+        win = windows[off >> 3].astype(np.uint64) << (off & 7).astype(np.uint64)
+        live = w > 0
+        out = np.where(live, win >> np.where(live, 64 - w, 1).astype(np.uint64), 0)
+        self.pos += total
+        return out.astype(np.uint64)
+
+    def expect_end(self, what: str = "payload body") -> None:
+        """Only zero padding (< 8 bits) may remain."""
+        rest = self.total - self.pos
+        if rest >= 8 or (rest and self.fixed(rest, 1).any()):
+            raise PayloadError(f"{what} extended past its last field")
+
+    def fixed(self, n: int, width: int, what: str = "fixed fields") -> np.ndarray:
+        return self.fields(np.full(n, width, dtype=np.int64), what)
+
+    def unary(self, n: int, what: str = "unary lengths") -> np.ndarray:
+        """``n`` unary numbers (zeros then a one): their counts of zeros."""
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        if self._bits is None:
+            self._bits = np.unpackbits(self._padded[:self.total // 8])
+        ones = np.flatnonzero(self._bits[self.pos:])
+        if ones.size < n:
+            raise PayloadError(f"payload truncated while reading {what}")
+        ends = ones[:n]
+        lengths = np.diff(ends, prepend=-1) - 1
+        self.pos += int(ends[-1]) + 1
+        return lengths
+
+    def gamma(self, n: int, what: str = "gamma codes") -> np.ndarray:
+        """``n`` split-stream Elias gamma codes (positive ``uint64``)."""
+        L = self.unary(n, what)
+        if n and int(L.max()) > MAX_FIELD:
+            raise PayloadError(f"{what}: code longer than the format allows")
+        low = self.fields(L, what)
+        return ((1 << L) | low.astype(np.int64)).astype(np.uint64)
+
+    def delta(self, n: int, what: str = "delta codes") -> np.ndarray:
+        """``n`` split-stream Elias delta codes (positive ``uint64``)."""
+        L = self.gamma(n, what).astype(np.int64) - 1
+        if n and int(L.max()) > MAX_FIELD:
+            raise PayloadError(f"{what}: code longer than the format allows")
+        low = self.fields(L, what)
+        return ((1 << L) | low.astype(np.int64)).astype(np.uint64)
+
+
+def gamma_fields(v: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(values, widths) chunks of the split gamma stream of positive integers ``v``."""
+    v = np.asarray(v).astype(np.int64, copy=False)
+    L = floor_log2(v)
+    return [np.ones(v.size, dtype=np.int64), v & ((1 << L) - 1)], [L + 1, L]
+
+
+def delta_fields(v: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(values, widths) chunks of the split delta stream of positive integers ``v``."""
+    v = np.asarray(v).astype(np.int64, copy=False)
+    L = floor_log2(v)
+    hv, hw = gamma_fields(L + 1)
+    return hv + [v & ((1 << L) - 1)], hw + [L]
+
+
+def gamma_bits(v: np.ndarray) -> int:
+    return int((2 * floor_log2(v) + 1).sum())
+
+
+def delta_bits(v: np.ndarray) -> int:
+    L = floor_log2(v)
+    return int((L + 2 * floor_log2(L + 1) + 1).sum())
