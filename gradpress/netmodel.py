@@ -124,6 +124,12 @@ class CompressorProfile:
     payload_bytes: int
     encode_s: float
     decode_s: float
+    label: str = ""
+
+    @property
+    def display_name(self) -> str:
+        """``label`` when given (e.g. ``qsgd:s=4``), else the compressor's name."""
+        return self.label or self.name
 
     @property
     def bits_per_element(self) -> float:
@@ -140,6 +146,11 @@ class CompressorProfile:
         return self.decode_s * d / self.chunk
 
 
+def _sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _best_time(fn: Any, repeats: int) -> tuple[float, Any]:
     best, out = math.inf, None
     for _ in range(repeats):
@@ -150,7 +161,7 @@ def _best_time(fn: Any, repeats: int) -> tuple[float, Any]:
 
 
 def calibrate(compressor: Compressor, numel: int, *, repeats: int = 3, seed: int = 0,
-              device: str | torch.device = "cpu") -> CompressorProfile:
+              device: str | torch.device = "cpu", label: str = "") -> CompressorProfile:
     """Time ``compressor``'s encode (to bytes) and decode (from bytes) on ``numel`` elements.
 
     The payload size is ``len(payload.to_bytes())`` of a real encode of a seeded Gaussian
@@ -165,10 +176,14 @@ def calibrate(compressor: Compressor, numel: int, *, repeats: int = 3, seed: int
     raw = compressor.encode(x, seed=seed).to_bytes()  # warm-up
     compressor.decode(Payload.from_bytes(raw), device=device)
     enc_s, raw = _best_time(lambda: compressor.encode(x, seed=seed).to_bytes(), repeats)
-    dec_s, _ = _best_time(lambda: compressor.decode(Payload.from_bytes(raw), device=device),
-                          repeats)
+
+    def decode() -> None:
+        compressor.decode(Payload.from_bytes(raw), device=device)
+        _sync(device)
+
+    dec_s, _ = _best_time(decode, repeats)
     return CompressorProfile(compressor.name, compressor.config(), numel, len(raw), enc_s,
-                             dec_s)
+                             dec_s, label)
 
 
 @dataclass(frozen=True)
@@ -205,8 +220,7 @@ def calibrate_compute(*, hidden: int = 512, batch: int = 256, steps: int = 10, s
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(device)
 
     step()
     step_s, _ = _best_time(step, steps)
@@ -310,7 +324,7 @@ def predict(models: dict[str, ModelSpec], profiles: list[CompressorProfile],
                 for i, w in enumerate(workers):
                     rows.append({
                         "model": key, "params": model.params, "bandwidth_bps": bw,
-                        "scheme": scheme, "compressor": prof.name if prof else "fp32",
+                        "scheme": scheme, "compressor": prof.display_name if prof else "fp32",
                         "bits_per_element": prof.bits_per_element if prof else 32.0,
                         "workers": int(w), "compute_s": float(br.compute[i]),
                         "encode_s": float(br.encode[i]), "comm_s": float(br.comm[i]),

@@ -170,3 +170,37 @@ def test_validate_names_missing_fields():
     with pytest.raises(ValueError, match="step_time_s"):
         nm.validate([{"compressor": "fp32", "nproc": 2, "bandwidth_bps": 1e8,
                       "bytes_per_step": 1, "compute_s": 0.1}])
+
+
+def test_netmodel_cli_writes_plots_json_and_validation(tmp_path):
+    import json
+
+    from gradpress.cli import main
+
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"records": [
+        {"compressor": "fp32", "nproc": 2, "bandwidth_bps": 1e8, "step_time_s": 0.4,
+         "bytes_per_step": 4e6, "compute_s": 0.05}]}))
+    out = tmp_path / "nm"
+    assert main(["netmodel", "--out", str(out), "--compressors", "fp16,nope", "--chunk", "4096",
+                 "--max-workers", "8", "--bandwidths", "1,10", "--measured", str(measured),
+                 "--device", "cpu"]) == 0
+    for name in ("speedup.png", "throughput.png", "breakdown.png", "validation.md"):
+        assert (out / name).stat().st_size > 0
+    res = json.loads((out / "netmodel.json").read_text())
+    assert res["skipped"] == ["nope"]
+    assert res["compressors"][0]["payload_bytes"] == len(
+        gradpress.get("fp16").encode(torch.zeros(4096)).to_bytes())
+    # 3 models x 2 links x (ring, tree, fp16 all-gather, fp16 PS) x 4 worker counts
+    assert len(res["predictions"]) == 3 * 2 * 4 * 4
+    assert res["validation"][0]["measured_s"] == 0.4
+
+
+def test_parse_spec_reads_typed_options():
+    from gradpress.commands.netmodel import parse_spec
+
+    assert parse_spec("qsgd:s=4;entropy=True;norm=linf") == (
+        "qsgd", {"s": 4, "entropy": True, "norm": "linf"})
+    assert parse_spec(" fp32 ") == ("fp32", {})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_spec("qsgd:s")

@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.clients <= 200:
         raise SystemExit(f"--clients must be in 1..200, got {args.clients}")
 
-    specs = [parse_spec(s) for s in args.compressors.split(",") if s.strip()]
-    skipped = [name for name, _ in specs if name not in gradpress.available()]
-    specs = [(name, kw) for name, kw in specs if name in gradpress.available()]
+    labelled = [(s.strip(), *parse_spec(s)) for s in args.compressors.split(",") if s.strip()]
+    skipped = [name for _, name, _ in labelled if name not in gradpress.available()]
+    specs = [(lab, name, kw) for lab, name, kw in labelled if name in gradpress.available()]
     if skipped:
         print(f"note: not registered (skipped): {', '.join(skipped)}")
     if not specs:
@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
                                   crc=not args.no_crc)
     runs = []
     bar = tqdm(total=args.rounds * len(specs), desc="federated rounds", unit="round")
-    for name, kwargs in specs:
-        bar.set_postfix_str(name)
+    for label, name, kwargs in specs:
+        bar.set_postfix_str(label)
 
         def tick(rec: dict[str, Any]) -> None:
             if rec["round"] > 0:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             res = fl.run_local(data, compressor=name, compressor_kwargs=kwargs, on_round=tick,
                                **common)
-        runs.append(res)
+        runs.append({"label": label, **res})
     bar.close()
 
     table = _table(runs)
@@ -123,7 +123,7 @@ def _table(runs: list[dict[str, Any]]) -> str:
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in runs:
         ratio = f"{base / r['uplink_bytes']:.1f}x" if base and r["uplink_bytes"] else "-"
-        lines.append(f"| {r['compressor']} | {r['final_accuracy']:.3f} | "
+        lines.append(f"| {r['label']} | {r['final_accuracy']:.3f} | "
                      f"{r['uplink_bytes']:,} | {r['bits_per_coordinate']:.3f} | {ratio} |")
     return "\n".join(lines)
 
@@ -135,9 +135,9 @@ def _plot(runs: list[dict[str, Any]], path: Path, args: argparse.Namespace) -> N
     for r in runs:
         rounds = r["rounds"][1:]
         ax1.plot([x["cumulative_uplink_bytes"] for x in rounds],
-                 [x["test_accuracy"] for x in rounds], marker=".", label=r["compressor"])
+                 [x["test_accuracy"] for x in rounds], marker=".", label=r["label"])
         ax2.plot([x["round"] for x in r["rounds"]], [x["test_accuracy"] for x in r["rounds"]],
-                 label=r["compressor"])
+                 label=r["label"])
     ax1.set_xscale("log")
     ax1.set_xlabel("cumulative uplink bytes (real payloads, all clients)")
     ax2.set_xlabel("round")

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measured", type=Path, default=None,
                    help="JSON of measured step times (list of records, or {'records': [...]})"
                         " to validate the model against")
+    p.add_argument("--device", default=None,
+                   help="where to calibrate compute and codecs (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -82,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
     from gradpress import netmodel as nm
 
     torch.manual_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     workers = [2**k for k in range(args.max_workers.bit_length()) if 2**k <= args.max_workers]
     bandwidths = [float(b) * nm.GBIT for b in args.bandwidths.split(",") if b.strip()]
 
-    print("calibrating compute (MLP forward+backward+step) ...")
-    compute = nm.calibrate_compute(seed=args.seed)
+    print(f"calibrating compute (MLP forward+backward+step) on {device} ...")
+    compute = nm.calibrate_compute(seed=args.seed, device=device)
     measured_flops = compute.flops_per_s
     if args.flops:
         compute = nm.ComputeProfile(args.flops, compute.step_s, compute.params, compute.batch,
@@ -95,16 +98,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {measured_flops / 1e9:.1f} GFLOP/s measured; using {compute.flops_per_s / 1e9:.1f}")
 
     profiles, skipped = [], []
-    specs = [parse_spec(s) for s in args.compressors.split(",") if s.strip()]
-    for name, kwargs in tqdm(specs, desc="calibrating compressors", unit="comp"):
+    specs = [(s.strip(), *parse_spec(s)) for s in args.compressors.split(",") if s.strip()]
+    for label, name, kwargs in tqdm(specs, desc="calibrating compressors", unit="comp"):
         if name not in gradpress.available():
             skipped.append(name)
             continue
-        profiles.append(nm.calibrate(gradpress.get(name, **kwargs), args.chunk, seed=args.seed))
+        profiles.append(nm.calibrate(gradpress.get(name, **kwargs), args.chunk, seed=args.seed,
+                                     device=device, label=label))
     if skipped:
         print(f"note: not registered (skipped): {', '.join(skipped)}")
     for prof in profiles:
-        print(f"  {prof.name:18s} {prof.bits_per_element:7.3f} bits/elem  "
+        print(f"  {prof.display_name:18s} {prof.bits_per_element:7.3f} bits/elem  "
               f"encode {prof.encode_s * 1e3:8.2f} ms  decode {prof.decode_s * 1e3:8.2f} ms "
               f"per {prof.chunk:,} elements")
 
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(), "device": device},
         "compute": nm.profile_dict(compute), "measured_flops_per_s": measured_flops,
         "compressors": [nm.profile_dict(p) for p in profiles], "skipped": skipped,
         "models": {k: vars(m) for k, m in nm.MODELS.items()},
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.measured:
         val = nm.validate(_load_measured(args.measured),
-                          profiles={p.name: p for p in profiles})
+                          profiles={p.display_name: p for p in profiles})
         table = nm.validation_markdown(val)
         print(table)
         (args.out / "validation.md").write_text(table + "\n")
@@ -206,19 +210,22 @@ def _plot_breakdown(rows: list[dict[str, Any]], path: Path, p: int, bw: float) -
 
 
 def _summary(rows: list[dict[str, Any]], p: int) -> str:
-    lines = [f"| model | link | fp32 ring speedup @{p} | best compressed | its speedup |"
-             " its bits/elem |", "| --- | ---: | ---: | --- | ---: | ---: |"]
-    keys = dict.fromkeys((r["model"], r["bandwidth_bps"]) for r in rows)
-    for model, bw in keys:
-        sel = [r for r in rows if r["model"] == model and r["bandwidth_bps"] == bw
-               and r["workers"] == p]
-        ring = next(r for r in sel if r["scheme"] == "ring")
+    """Per model and link: fp32 ring speedup at ``p``, the best compressed scheme there, and
+    the largest worker count at which some compressed scheme still beats fp32 ring."""
+    lines = [f"| model | link | fp32 ring speedup @{p} | best compressed @{p} | its speedup |"
+             " compressed beats fp32 ring up to |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    for model, bw in dict.fromkeys((r["model"], r["bandwidth_bps"]) for r in rows):
+        sel = [r for r in rows if r["model"] == model and r["bandwidth_bps"] == bw]
+        ring = {r["workers"]: r["step_s"] for r in sel if r["scheme"] == "ring"}
         comp = [r for r in sel if r["scheme"] in ("allgather", "ps")]
-        if comp:
-            best = max(comp, key=lambda r: r["speedup"])
-            lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | {ring['speedup']:.1f} | "
-                         f"{_label(best)} | {best['speedup']:.1f} | "
-                         f"{best['bits_per_element']:.2f} |")
-        else:
-            lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | {ring['speedup']:.1f} | - | - | - |")
+        if not comp:
+            lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | "
+                         f"{p * ring[1] / ring[p]:.1f} | - | - | - |")
+            continue
+        best = max((r for r in comp if r["workers"] == p), key=lambda r: r["speedup"])
+        wins = [r["workers"] for r in comp if r["workers"] > 1
+                and r["step_s"] < ring[r["workers"]]]
+        lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | {p * ring[1] / ring[p]:.1f} | "
+                     f"{_label(best)} | {best['speedup']:.1f} | "
+                     f"{max(wins) if wins else 'never'} |")
     return "\n".join(lines)
