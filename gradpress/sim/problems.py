@@ -1,0 +1,193 @@
+"""Convex test problems with exact optima: least squares, ridge and logistic regression.
+
+Objectives over ``n`` rows ``(x_i, y_i)`` (the rows the workers actually hold):
+
+* least squares  ``f(w) = 1/(2n) ||Xw - y||^2``;             optimum ``X^+ y`` (lstsq);
+* ridge          ``f(w) = 1/(2n) ||Xw - y||^2 + lam/2 ||w||^2``; optimum solves
+  ``(X^T X / n + lam I) w = X^T y / n``;
+* logistic       ``f(w) = 1/n sum_i log(1 + exp(-y_i x_i^T w)) + lam/2 ||w||^2``,
+  ``y_i in {-1, +1}``; optimum by Newton's method in float64 to machine precision.
+
+Smoothness ``L = lambda_max(X^T X / n) + lam`` (``/4`` on the data term for logistic).
+Data: ``synthetic_linear`` is the ECQ-SGD paper's Syn-d set (Wu et al. 2018, Sec. 6.1:
+``y_i = w*^T x_i + eps_i``, ``eps`` i.i.d. noise, 10k samples); ``real_dataset`` loads the
+data sets bundled with scikit-learn (no download), standardized, with a bias column.
+Bits: none (no communication here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+KINDS = ("least_squares", "ridge", "logistic")
+
+
+def _logsig_neg(z: np.ndarray) -> np.ndarray:
+    """``log(1 + exp(-z))``, stable."""
+    return np.logaddexp(0.0, -z)
+
+
+@dataclass
+class Problem:
+    """A finite-sum problem ``f(w) = 1/n sum_i f_i(w)`` with float64 reference data.
+
+    ``X`` is ``(n, d)``, ``y`` is ``(n,)`` (``{-1, +1}`` for logistic); ``lam`` the l2
+    weight (0 for least squares).
+    """
+
+    name: str
+    kind: str
+    X: np.ndarray
+    y: np.ndarray
+    lam: float = 0.0
+    _opt: tuple[np.ndarray, float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"problem kind must be one of {KINDS}, got {self.kind!r}")
+        self.X = np.ascontiguousarray(self.X, dtype=np.float64)
+        self.y = np.ascontiguousarray(self.y, dtype=np.float64).reshape(-1)
+        if self.X.ndim != 2 or self.X.shape[0] != self.y.shape[0] or self.X.shape[0] == 0:
+            raise ValueError(f"X must be (n, d) and y (n,), got {self.X.shape}, {self.y.shape}")
+        if self.lam < 0 or (self.kind == "least_squares" and self.lam != 0):
+            raise ValueError("lam must be >= 0 (and 0 for least_squares; use ridge)")
+        if self.kind == "logistic" and not np.isin(self.y, (-1.0, 1.0)).all():
+            raise ValueError("logistic labels must be -1 or +1")
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.X.shape[1]
+
+    def subset(self, rows: np.ndarray) -> Problem:
+        """The same problem on the given rows (e.g. those the workers hold)."""
+        rows = np.asarray(rows).reshape(-1)
+        return Problem(self.name, self.kind, self.X[rows], self.y[rows], self.lam)
+
+    # -- float64 reference ------------------------------------------------------------
+    def loss(self, w: np.ndarray | torch.Tensor) -> float:
+        w = _np64(w)
+        z = self.X @ w
+        reg = 0.5 * self.lam * float(w @ w)
+        if self.kind == "logistic":
+            return float(np.mean(_logsig_neg(self.y * z))) + reg
+        r = z - self.y
+        return 0.5 * float(r @ r) / self.n + reg
+
+    def grad(self, w: np.ndarray | torch.Tensor) -> np.ndarray:
+        w = _np64(w)
+        z = self.X @ w
+        if self.kind == "logistic":
+            coef = -self.y / (1.0 + np.exp(np.clip(self.y * z, -700, 700)))
+        else:
+            coef = z - self.y
+        return self.X.T @ coef / self.n + self.lam * w
+
+    def hessian(self, w: np.ndarray | torch.Tensor) -> np.ndarray:
+        w = _np64(w)
+        if self.kind == "logistic":
+            s = 1.0 / (1.0 + np.exp(-np.clip(self.X @ w, -700, 700)))
+            D = s * (1.0 - s)
+        else:
+            D = np.ones(self.n)
+        return (self.X.T * D) @ self.X / self.n + self.lam * np.eye(self.d)
+
+    def smoothness(self) -> float:
+        """``L``: the largest eigenvalue bound of the Hessian."""
+        top = float(np.linalg.eigvalsh(self.X.T @ self.X / self.n)[-1])
+        return (top / 4.0 if self.kind == "logistic" else top) + self.lam
+
+    def optimum(self) -> tuple[np.ndarray, float]:
+        """``(w*, f*)`` in float64: closed form for least squares/ridge, Newton for logistic."""
+        if self._opt is None:
+            if self.kind == "least_squares":
+                w = np.linalg.lstsq(self.X, self.y, rcond=None)[0]
+            elif self.kind == "ridge":
+                A = self.X.T @ self.X / self.n + self.lam * np.eye(self.d)
+                w = np.linalg.solve(A, self.X.T @ self.y / self.n)
+            else:
+                w = self._newton()
+            self._opt = (w, self.loss(w))
+        return self._opt
+
+    def _newton(self, tol: float = 1e-13, max_iter: int = 200) -> np.ndarray:
+        w = np.zeros(self.d)
+        f = self.loss(w)
+        for _ in range(max_iter):
+            g = self.grad(w)
+            if np.linalg.norm(g) <= tol * max(1.0, abs(f)):
+                break
+            step = np.linalg.lstsq(self.hessian(w), g, rcond=None)[0]
+            t = 1.0
+            while t > 1e-12:  # backtracking (Armijo)
+                w_new = w - t * step
+                f_new = self.loss(w_new)
+                if f_new <= f - 1e-4 * t * float(g @ step):
+                    break
+                t *= 0.5
+            if f_new >= f and t <= 1e-12:
+                break
+            w, f = w_new, f_new
+        return w
+
+    def worker_smoothness(self, shards: np.ndarray) -> float:
+        """``max_p L_p`` over the workers' local objectives (``shards`` is ``(P, m)`` rows)."""
+        scale = 0.25 if self.kind == "logistic" else 1.0
+        tops = [float(np.linalg.eigvalsh(self.X[r].T @ self.X[r] / len(r))[-1]) for r in shards]
+        return scale * max(tops) + self.lam
+
+
+def _np64(w: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(w, torch.Tensor):
+        w = w.detach().cpu().double().numpy()
+    return np.asarray(w, dtype=np.float64).reshape(-1)
+
+
+def synthetic_linear(n: int = 10_000, d: int = 256, noise: float = 1.0, seed: int = 0,
+                     kind: str = "least_squares", lam: float = 0.0) -> Problem:
+    """The ECQ-SGD paper's Syn-d: ``x_i ~ N(0, I_d)``, ``w* ~ N(0, I_d)``,
+    ``y_i = w*^T x_i + eps_i`` with ``eps_i ~ N(0, noise^2)`` i.i.d. (seeded)."""
+    if n < 1 or d < 1:
+        raise ValueError(f"need n, d >= 1, got n={n}, d={d}")
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    w_true = rng.standard_normal(d)
+    y = X @ w_true + noise * rng.standard_normal(n)
+    return Problem(f"syn-{d}", kind, X, y, lam)
+
+
+REAL_DATASETS = ("diabetes", "breast_cancer", "digits", "wine")
+
+
+def real_dataset(name: str, kind: str | None = None, lam: float = 1e-3) -> Problem:
+    """A data set bundled with scikit-learn, standardized, with a bias column.
+
+    ``diabetes`` is a regression (ridge by default, target standardized); ``breast_cancer``
+    (malignant vs benign), ``digits`` (0-4 vs 5-9) and ``wine`` (class 0 vs rest) are
+    binary with labels in ``{-1, +1}`` (logistic by default).
+    """
+    from sklearn import datasets
+
+    loaders = {"diabetes": datasets.load_diabetes, "breast_cancer": datasets.load_breast_cancer,
+               "digits": datasets.load_digits, "wine": datasets.load_wine}
+    if name not in loaders:
+        raise ValueError(f"unknown data set {name!r}; choose from {REAL_DATASETS}")
+    X, t = loaders[name](return_X_y=True)
+    X = np.asarray(X, dtype=np.float64)
+    sd = X.std(axis=0)
+    X = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    X = np.hstack([X, np.ones((X.shape[0], 1))])
+    if name == "diabetes":
+        y = (t - t.mean()) / t.std()
+        kind = kind or "ridge"
+    else:
+        pos = {"breast_cancer": t == 1, "digits": t >= 5, "wine": t == 0}[name]
+        y = np.where(pos, 1.0, -1.0)
+        kind = kind or "logistic"
+    return Problem(name, kind, X, y, 0.0 if kind == "least_squares" else lam)

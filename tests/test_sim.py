@@ -1,0 +1,138 @@
+"""The worker simulator: exact optima against scipy, splits, honest bytes, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.optimize
+import scipy.sparse.linalg
+import torch
+
+from gradpress.sim import Method, Problem, Simulation, real_dataset, split, synthetic_linear
+
+
+def test_least_squares_optimum_matches_scipy_lstsq():
+    pr = synthetic_linear(n=300, d=20, seed=3)
+    w, f = pr.optimum()
+    ref = scipy.linalg.lstsq(pr.X, pr.y)[0]
+    np.testing.assert_allclose(w, ref, rtol=1e-9, atol=1e-10)
+    assert f == pytest.approx(pr.loss(ref), rel=1e-12)
+    np.testing.assert_allclose(pr.grad(w), 0.0, atol=1e-10)
+
+
+def test_ridge_optimum_matches_scipy_lsqr_with_damping():
+    pr = real_dataset("diabetes", lam=1e-2)
+    w, _ = pr.optimum()
+    ref = scipy.sparse.linalg.lsqr(pr.X, pr.y, damp=np.sqrt(pr.n * pr.lam), atol=1e-14,
+                                   btol=1e-14, iter_lim=10_000)[0]
+    np.testing.assert_allclose(w, ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "digits"])
+def test_logistic_optimum_matches_scipy_minimize(name):
+    pr = real_dataset(name, lam=1e-2)
+    w, f = pr.optimum()
+    res = scipy.optimize.minimize(pr.loss, np.zeros(pr.d), jac=pr.grad, method="BFGS",
+                                  options={"gtol": 1e-10, "maxiter": 5000})
+    assert f <= res.fun + 1e-12
+    assert f == pytest.approx(res.fun, rel=1e-9)
+    np.testing.assert_allclose(w, res.x, atol=1e-5)
+    np.testing.assert_allclose(pr.grad(w), 0.0, atol=1e-9)
+
+
+def test_gradient_matches_finite_differences():
+    for pr in (real_dataset("wine", lam=0.1), synthetic_linear(n=50, d=4, kind="ridge",
+                                                                lam=0.3)):
+        w = np.random.default_rng(0).standard_normal(pr.d) * 0.3
+        num = scipy.optimize.approx_fprime(w, pr.loss, 1e-7)
+        np.testing.assert_allclose(pr.grad(w), num, rtol=1e-4, atol=1e-5)
+
+
+def test_worker_gradients_average_to_the_global_gradient():
+    pr = real_dataset("breast_cancer", lam=1e-2)
+    sim = Simulation(pr, split(pr.n, 7, seed=1))
+    w = torch.randn(pr.d) * 0.1
+    g = sim.worker_grads(w, None).mean(dim=0).double().numpy()
+    np.testing.assert_allclose(g, sim.problem.grad(w), rtol=1e-4, atol=1e-6)
+
+
+def test_splits_are_disjoint_equal_shards_and_noniid_sorts_by_key():
+    y = np.repeat(np.arange(5), 20)[np.random.default_rng(0).permutation(100)]
+    iid = split(100, 8, "iid", seed=0)
+    assert iid.shape == (8, 12) and len(np.unique(iid)) == 96
+    non = split(100, 5, "noniid", key=y, seed=0)
+    assert all(len(np.unique(y[r])) == 1 for r in non)
+    assert len(set(y[non[:, 0]])) == 5
+    with pytest.raises(ValueError):
+        split(100, 5, "noniid")
+    with pytest.raises(ValueError):
+        split(3, 5)
+
+
+def test_fixed_seed_gives_identical_curves_and_another_seed_does_not():
+    pr = synthetic_linear(n=400, d=16, seed=0)
+    m = Method("q", "fp16", feedback="ecq", feedback_kw={"alpha": 0.5, "beta": 0.9})
+
+    def run(seed):
+        sim = Simulation(pr, split(pr.n, 4, seed=0), batch_size=8, seed=seed)
+        return sim.run(m, iters=50, lr=0.05, record_every=1, progress=False)
+
+    a, b, c = run(7), run(7), run(8)
+    assert a.loss == b.loss and a.dist == b.dist and a.bits_per_worker == b.bits_per_worker
+    assert a.loss != c.loss
+
+
+def test_bytes_are_the_real_payload_sizes():
+    pr = synthetic_linear(n=200, d=10, seed=0)
+    sim = Simulation(pr, split(pr.n, 4, seed=0))
+    c = sim.run(Method("fp32", "fp32"), iters=5, lr=0.1, record_every=1, progress=False)
+    one = len(__import__("gradpress").get("fp32").encode(torch.zeros(10)).to_bytes())
+    assert one == 12 + 4 + 4 * 10
+    assert c.bytes_per_worker_total == [5 * one] * 4
+    assert c.bits_per_worker == [8.0 * one * t for t in range(6)]
+    assert c.bytes_per_step_mean == one
+
+
+def test_full_precision_gradient_descent_reaches_the_optimum():
+    pr = real_dataset("diabetes", lam=0.1)  # condition number ~40
+    sim = Simulation(pr, split(pr.n, 4, seed=0))
+    L, _ = sim.smoothness()
+    c = sim.run(Method("gd", "fp32"), iters=300, lr=1.0 / L, progress=False)
+    assert c.loss[-1] - c.f_star < 1e-5 * (c.loss[0] - c.f_star)
+    assert c.dist[-1] < 1e-2 * c.dist[0]
+    assert all(a >= b - 1e-12 for a, b in zip(c.loss, c.loss[1:]))  # GD with 1/L descends
+
+
+def test_a_diverging_run_is_flagged_not_raised():
+    pr = synthetic_linear(n=200, d=10, seed=0)
+    sim = Simulation(pr, split(pr.n, 2, seed=0))
+    c = sim.run(Method("gd", "fp32"), iters=500, lr=50.0, record_every=1, progress=False)
+    assert c.diverged and c.final_loss() == float("inf")
+
+
+def test_real_datasets_load_standardized_with_a_bias_column():
+    for name, kind in [("diabetes", "ridge"), ("breast_cancer", "logistic"),
+                       ("digits", "logistic"), ("wine", "logistic")]:
+        pr = real_dataset(name)
+        assert pr.kind == kind and np.all(pr.X[:, -1] == 1.0)
+        np.testing.assert_allclose(pr.X[:, :-1].mean(axis=0), 0.0, atol=1e-9)
+        if kind == "logistic":
+            assert set(np.unique(pr.y)) == {-1.0, 1.0}
+
+
+def test_bad_problems_raise_value_error():
+    with pytest.raises(ValueError):
+        Problem("x", "hinge", np.zeros((2, 2)), np.zeros(2))
+    with pytest.raises(ValueError):
+        Problem("x", "logistic", np.zeros((2, 2)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError):
+        Problem("x", "least_squares", np.zeros((2, 2)), np.zeros(3))
+    with pytest.raises(ValueError):
+        real_dataset("mnist")
+    pr = synthetic_linear(n=40, d=3)
+    with pytest.raises(ValueError):
+        Simulation(pr, split(40, 2), batch_size=0)
+    with pytest.raises(ValueError):
+        Simulation(pr, split(40, 2)).run(Method("a", "fp32"), iters=3, lr=-1.0,
+                                         progress=False)
