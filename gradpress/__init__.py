@@ -11,6 +11,7 @@ Safaryan, Condat and Richtarik (2020). Quick start::
 
 from gradpress.compressors import Compressor, available, get, register
 from gradpress.errors import GradpressError, NonFiniteGradientError, PayloadError, PeerError
+from gradpress.feedback import EF21, ECQFeedback, ErrorFeedback, Feedback, NoFeedback
 from gradpress.payload import Payload
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Compressor", "GradpressError", "NonFiniteGradientError", "Payload", "PayloadError",
     "PeerError", "available", "get", "register",
+    "EF21", "ECQFeedback", "ErrorFeedback", "Feedback", "NoFeedback",
 ]
