@@ -27,8 +27,8 @@ import torch
 
 from gradpress.errors import PayloadError
 
-#: Elements per chunk on CPU (256 KiB of float32: stays in L2 across the pipeline's ops).
-CHUNK = 1 << 16
+#: Elements per chunk on CPU (512 KiB of float32: stays in L2 across the pipeline's ops).
+CHUNK = 1 << 17
 #: Longest field the window reader handles (a value's bits plus its offset fit 64 bits).
 MAX_FIELD = 57
 
@@ -53,8 +53,8 @@ def bucket_reduce(flat: torch.Tensor, bucket_size: int | None, norm: str) -> tor
         if norm == "l2":
             parts.append(torch.linalg.vector_norm(block, dim=1))
         elif norm == "linf":
-            lo, hi = torch.aminmax(block, dim=1)
-            parts.append(torch.maximum(hi, -lo))
+            # amax and amin apart: 2x faster than aminmax(dim=1) on CPU
+            parts.append(torch.maximum(torch.amax(block, 1), -torch.amin(block, 1)))
         elif norm == "mean_abs":
             parts.append(torch.linalg.vector_norm(block, ord=1, dim=1) / block.shape[1])
         else:
@@ -78,14 +78,27 @@ def read_scales(raw: np.ndarray, what: str = "bucket norm") -> np.ndarray:
 
 
 def _row_blocks(n: int, b: int, device: torch.device):
-    """Yield ``(start, rows, width)`` blocks covering ``n`` elements in buckets of ``b``;
-    each block is ``rows`` whole buckets (the short tail bucket is its own block)."""
+    """Yield ``(start, bucket, rows, width)`` blocks covering ``n`` elements in buckets of
+    ``b``: ``rows`` whole buckets from bucket index ``bucket`` (``rows*width`` elements from
+    ``start``), or, for buckets longer than a chunk, one piece of a single bucket."""
     nfull, tail = divmod(n, b)
-    per = max(1, CHUNK // b) if device.type == "cpu" else max(1, nfull)
-    for j in range(0, nfull, per):
-        yield j, min(per, nfull - j), b
-    if tail:
-        yield nfull, 1, tail
+    if device.type != "cpu":
+        if nfull:
+            yield 0, 0, nfull, b
+        if tail:
+            yield nfull * b, nfull, 1, tail
+        return
+    if b <= CHUNK:
+        per = CHUNK // b
+        for j in range(0, nfull, per):
+            yield j * b, j, min(per, nfull - j), b
+        if tail:
+            yield nfull * b, nfull, 1, tail
+        return
+    for j in range(nfull + (1 if tail else 0)):
+        end = min(n, (j + 1) * b)
+        for i in range(j * b, end, CHUNK):
+            yield i, j, 1, min(CHUNK, end - i)
 
 
 def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor, c: float,
@@ -94,16 +107,16 @@ def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor
     n = flat.numel()
     b = min(bucket_size or n, n)
     out = torch.empty(n, dtype=torch.uint8, device=flat.device)
-    m = min(n, max(b, CHUNK)) if flat.device.type == "cpu" else n
+    m = min(n, CHUNK) if flat.device.type == "cpu" else n
     ubuf = torch.empty(m, device=flat.device)
     fbuf = torch.empty(m, device=flat.device)
     rbuf = torch.empty(m, device=flat.device)
-    for j, rows, w in _row_blocks(n, b, flat.device):
-        s0, k = j * b, rows * w
+    c_t = torch.tensor(c, device=flat.device)
+    for s0, j, rows, w in _row_blocks(n, b, flat.device):
+        k = rows * w
         u = ubuf[:k].view(rows, w)
         fl = fbuf[:k].view(rows, w)
-        torch.mul(flat[s0:s0 + k].view(rows, w), a[j:j + rows, None], out=u)
-        u.add_(c)
+        torch.addcmul(c_t, flat[s0:s0 + k].view(rows, w), a[j:j + rows, None], out=u)
         torch.floor(u, out=fl)
         u.sub_(fl)  # exact fractional part: a point on the grid is never moved
         rb = rbuf[:k].view(rows, w)
@@ -119,8 +132,8 @@ def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.T
     n = sym.numel()
     b = min(bucket_size or n, n)
     out = torch.empty(n, device=sym.device)
-    for j, rows, w in _row_blocks(n, b, sym.device):
-        s0, k = j * b, rows * w
+    for s0, j, rows, w in _row_blocks(n, b, sym.device):
+        k = rows * w
         ob = out[s0:s0 + k].view(rows, w)
         ob.copy_(sym[s0:s0 + k].view(rows, w))
         ob.sub_(c).mul_(inv_a[j:j + rows, None])

@@ -1,0 +1,114 @@
+"""Sign-based compressors: scaled sign (1-bit SGD style) and TernGrad.
+
+**Scaled sign** (Seide et al. 2014, "1-bit SGD"; the scaled form of Karimireddy et al. 2019,
+"Error Feedback Fixes SignSGD", Sec. 3). Per bucket ``v`` of ``n`` coordinates,
+
+    C(v) = (||v||_1 / n) * sgn(v)       (sgn(0) = +1),
+
+which is deterministic and contractive: ``||C(v) - v||^2 = ||v||^2 - ||v||_1^2 / n
+<= (1 - 1/n) ||v||^2``, so ``alpha = 1 / min(bucket_size, d)``. Bits: ``32`` per bucket
+(the float32 scale) plus ``1`` per coordinate: ``32*#buckets + d``.
+
+**TernGrad** (Wen, Xu, Yan, Wu, Wang, Chen, Li, NeurIPS 2017, Eq. 2): with ``s_t =
+||v||_inf`` per bucket (the paper's layer-wise scale: default ``bucket_size=None``),
+
+    C(v)_i = s_t * sgn(v_i) * b_i,   b_i ~ Bernoulli(|v_i| / s_t),
+
+unbiased with variance ``s_t ||v||_1 - ||v||^2 <= (sqrt(n) - 1) ||v||^2``, so ``omega =
+sqrt(n) - 1``. Each coordinate is one of three symbols in ``2`` bits: ``8 + 32*#buckets +
+2d`` bits (the mode byte shared with the uniform quantizers). The paper's optional gradient
+clipping is not applied (it would make the scheme biased).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradpress.codec import BitReader, BitWriter
+from gradpress.compressors import _fastcodes as fc
+from gradpress.compressors.base import Compressor
+from gradpress.compressors.dithering import UniformQuantizer, _check_bucket
+from gradpress.compressors.registry import register
+
+_PACK_CHUNK = 1 << 18  # elements per chunk when packing sign bits (a multiple of 8)
+
+
+@register
+class ScaledSign(Compressor):
+    """Scaled sign: one bit per coordinate plus the mean ``|x|`` of each bucket.
+
+    Deterministic and contractive with ``alpha = 1/min(bucket_size, d)``.
+    """
+
+    name = "sign"
+    compressor_id = 26
+
+    def __init__(self, bucket_size: int | None = 512) -> None:
+        self.bucket_size = _check_bucket(bucket_size)
+
+    def config(self) -> dict[str, Any]:
+        return {"bucket_size": self.bucket_size}
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / max(1, min(self.bucket_size or d, d))
+
+    def body_bits(self, d: int) -> float:
+        return float(32 * fc.n_buckets(d, self.bucket_size) + d)
+
+    def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
+        scale = fc.bucket_reduce(flat, self.bucket_size, "mean_abs")
+        fc.check_scales(scale, "bucket mean")
+        w = BitWriter()
+        w.write_float32(scale.cpu().numpy())
+        w.write_bytes(self._sign_bits(flat))
+        return w.getvalue()
+
+    @staticmethod
+    def _sign_bits(flat: torch.Tensor) -> np.ndarray:
+        n = flat.numel()
+        if flat.device.type != "cpu":
+            return np.packbits((flat < 0).cpu().numpy())
+        out = np.empty((n + 7) // 8, dtype=np.uint8)
+        buf = torch.empty(min(n, _PACK_CHUNK), dtype=torch.bool)
+        for i in range(0, n, _PACK_CHUNK):
+            k = min(_PACK_CHUNK, n - i)
+            torch.lt(flat[i:i + k], 0, out=buf[:k])
+            out[i // 8:(i + k + 7) // 8] = np.packbits(buf[:k].numpy())
+        return out
+
+    def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
+        r = BitReader(body)
+        scale = fc.read_scales(r.read_float32(fc.n_buckets(numel, self.bucket_size)),
+                               "bucket mean")
+        bits = r.read_uint8(numel, 1)
+        r.expect_end()
+        # (bit - 1/2) * (-2 m): bit 0 -> +m, bit 1 -> -m, exactly.
+        neg2m = torch.from_numpy(-2.0 * scale).to(device)
+        return fc.affine_dequantize(torch.from_numpy(bits).to(device), self.bucket_size,
+                                    neg2m, 0.5)
+
+
+@register
+class TernGrad(UniformQuantizer):
+    """TernGrad (Wen et al. 2017): ``{-s_t, 0, s_t}`` per bucket, ``s_t = ||v||_inf``;
+    unbiased with ``omega = sqrt(n) - 1``."""
+
+    name = "terngrad"
+    compressor_id = 25
+    norm = "linf"
+
+    def __init__(self, bucket_size: int | None = None) -> None:
+        super().__init__(bucket_size, entropy=False)
+        self.levels = 3
+        self.gain = 1.0
+        self.offset = 1.0
+
+    def config(self) -> dict[str, Any]:
+        return {"bucket_size": self.bucket_size}
+
+    def omega(self, d: int) -> float:
+        return math.sqrt(self._bucket_len(d)) - 1.0
