@@ -1,12 +1,12 @@
 """The compressor zoo. Importing this package registers every compressor."""
 
 from gradpress.compressors import (
-           dithering,  # noqa: F401  (registers)
-           identity,  # noqa: F401  (registers)
-           lowrank,  # noqa: F401  (registers)
-           natural,  # noqa: F401  (registers)
-           sign,  # noqa: F401  (registers)
-           sparsify,  # noqa: F401  (registers)
+    dithering,  # noqa: F401  (registers)
+    identity,  # noqa: F401  (registers)
+    lowrank,  # noqa: F401  (registers)
+    natural,  # noqa: F401  (registers)
+    sign,  # noqa: F401  (registers)
+    sparsify,  # noqa: F401  (registers)
 )
 from gradpress.compressors.base import Compressor, check_gradient, generator_for
 from gradpress.compressors.registry import available, class_for_id, get, register
