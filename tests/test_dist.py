@@ -1,0 +1,329 @@
+"""Real 2-rank gloo process groups: the DDP hook, the byte gather, and failures that must
+fail fast. Every group starts from a FileStore in a fresh temp dir (no ports to collide),
+with a short process-group timeout, and the parent kills children past a hard deadline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+
+import gradpress
+from gradpress.dist import CompressionState, payload_bound
+from gradpress.payload import header_size
+
+WORLD = 2
+PG_TIMEOUT_S = 8
+HARD_DEADLINE_S = 28
+
+
+def _run_ranks(target, *args, deadline: float = HARD_DEADLINE_S) -> list[dict]:
+    """Run ``target(rank, store_path, *args) -> dict`` on 2 spawned ranks; return the dicts.
+    Children still alive at ``deadline`` are killed and the test fails (never hangs)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_child, args=(q, r, store, target, args)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        results: dict[int, dict] = {}
+        end = time.monotonic() + deadline
+        try:
+            while len(results) < WORLD and time.monotonic() < end:
+                try:
+                    rank, res = q.get(timeout=max(0.1, min(1.0, end - time.monotonic())))
+                    results[rank] = res
+                except Exception:  # queue.Empty
+                    if all(not p.is_alive() for p in procs) and q.empty():
+                        break
+        finally:
+            for p in procs:
+                p.join(timeout=max(0.1, end - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        if len(results) < WORLD:
+            pytest.fail(f"ranks {sorted(set(range(WORLD)) - set(results))} reported nothing "
+                        f"within {deadline} s (hung or crashed); got {results}")
+        return [results[r] for r in range(WORLD)]
+
+
+def _child(q, rank, store, target, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=WORLD, timeout=dt.timedelta(seconds=PG_TIMEOUT_S))
+        res = target(rank, *args)
+    except BaseException as e:  # report, never hang the parent
+        res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    q.put((rank, res))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+# --- what the ranks run --------------------------------------------------------------------
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 5))
+
+
+def _digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _train(rank: int, configs: list[dict], steps: int = 4) -> dict:
+    """Train one small DDP model per config (several buckets); report digests and bytes."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.dist import compression_hook
+
+    out = {}
+    for cfg in configs:
+        model = DDP(_model(), bucket_cap_mb=0.0004)  # 100 floats a bucket: one per layer
+        fb = gradpress.feedback.get(cfg.get("feedback", "none"))
+        state = CompressionState(None, compressor=cfg["compressor"], feedback=fb,
+                                 compressor_kwargs=cfg.get("kwargs"),
+                                 bounded=cfg.get("bounded", "auto"), seed=7)
+        model.register_comm_hook(state, compression_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + rank)
+        steps_bytes = []
+        for _ in range(steps):
+            x = torch.randn(16, 20, generator=gen)
+            y = torch.randint(0, 5, (16,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            s = state.last_step
+            steps_bytes.append({"payload": s.payload_bytes, "wire": s.wire_bytes,
+                                "gathered": s.gathered_payload_bytes, "buckets": s.buckets,
+                                "lengths": dict(s.payload_lengths)})
+        out[cfg["label"]] = {
+            "digest": _digest(model.module), "steps": steps_bytes,
+            "bucket_numel": dict(state.bucket_numel), "iter": state.iter,
+            "total_payload": state.total_payload_bytes, "fb_keys": fb.keys(),
+        }
+    return out
+
+
+CONFIGS = [
+    {"label": "ecq2+ecqfb", "compressor": "ecq", "kwargs": {"bits": 2}, "feedback": "ecq"},
+    {"label": "qsgd-unbounded", "compressor": "qsgd", "kwargs": {"s": 1}, "bounded": False},
+    {"label": "fp32", "compressor": "fp32"},
+    {"label": "fp16-allreduce", "compressor": "fp16"},
+]
+
+
+@pytest.fixture(scope="module")
+def trained() -> list[dict]:
+    res = _run_ranks(_train, CONFIGS)
+    for r in res:
+        assert "error" not in r, r.get("trace")
+    return res
+
+
+@pytest.mark.parametrize("label", [c["label"] for c in CONFIGS])
+def test_hook_keeps_ranks_bit_identical_over_several_buckets(trained, label):
+    r0, r1 = trained[0][label], trained[1][label]
+    assert r0["steps"][-1]["buckets"] >= 3, "the model must span several buckets"
+    assert r0["digest"] == r1["digest"]
+    assert r0["iter"] == 4
+
+
+def test_training_moves_the_parameters(trained):
+    # A hook that returned the input untouched on one rank would also be "identical" only
+    # by accident; different configs must reach different parameters.
+    digests = {trained[0][c["label"]]["digest"] for c in CONFIGS}
+    assert len(digests) == len(CONFIGS)
+
+
+def test_fp32_bytes_counted_equal_payload_sizes(trained):
+    r0 = trained[0]["fp32"]
+    numels = r0["bucket_numel"]
+    expect = sum(header_size(1) + 4 * n for n in numels.values())
+    last = r0["steps"][-1]
+    assert last["payload"] == expect
+    assert last["wire"] == expect + 4 * len(numels)  # the 4-byte length per frame
+    assert last["gathered"] == WORLD * expect
+
+
+def test_ecq_bytes_counted_equal_payload_sizes(trained):
+    comp = gradpress.get("ecq", bits=2)
+    for rank in range(WORLD):
+        last = trained[rank]["ecq2+ecqfb"]["steps"][-1]
+        numels = trained[rank]["ecq2+ecqfb"]["bucket_numel"]
+        # the dense ECQ code has a fixed length: its payload is exactly the bound
+        assert last["lengths"] == {int(i): payload_bound(comp, n) for i, n in numels.items()} \
+            or last["lengths"] == {str(i): payload_bound(comp, n) for i, n in numels.items()}
+        assert last["payload"] == sum(last["lengths"].values())
+
+
+def test_unbounded_gather_counts_real_lengths(trained):
+    a, b = (trained[r]["qsgd-unbounded"]["steps"][-1] for r in range(WORLD))
+    assert a["payload"] == sum(a["lengths"].values())
+    assert a["gathered"] == b["gathered"] == a["payload"] + b["payload"]
+    # qsgd s=1 picks its sparse code here, well under the dense bound
+    comp = gradpress.get("qsgd", s=1)
+    numels = trained[0]["qsgd-unbounded"]["bucket_numel"]
+    assert a["payload"] < sum(payload_bound(comp, n) for n in numels.values())
+
+
+def test_fp16_fast_path_counts_two_bytes_per_coordinate(trained):
+    r0 = trained[0]["fp16-allreduce"]
+    numel = sum(p.numel() for p in _model().parameters())
+    assert r0["steps"][-1]["payload"] == r0["steps"][-1]["wire"] == 2 * numel
+
+
+def test_feedback_state_is_keyed_by_bucket(trained):
+    r0 = trained[0]["ecq2+ecqfb"]
+    assert sorted(r0["fb_keys"]) == sorted(str(k) for k in r0["bucket_numel"])
+
+
+# --- failures ------------------------------------------------------------------------------
+
+def _crash_or_train(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.dist import compression_hook
+
+    model = DDP(_model(), bucket_cap_mb=0.0004)
+    state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2})
+    model.register_comm_hook(state, compression_hook)
+    t0 = time.monotonic()
+    try:
+        for step in range(5):
+            if rank == 1 and step == 2:
+                raise ValueError("rank 1 fails in its training loop")
+            model(torch.randn(8, 20)).sum().backward()
+    except Exception as e:
+        return {"caught": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - t0}
+    return {"caught": None}
+
+
+def test_a_rank_that_raises_makes_the_other_fail_within_the_timeout():
+    survivor, failed = _run_ranks(_crash_or_train)
+    assert failed["caught"].startswith("ValueError: rank 1 fails")
+    assert survivor["caught"] is not None, "the survivor trained on as if nothing happened"
+    assert "PeerError" in survivor["caught"] and "peer" in survivor["caught"]
+    assert survivor["after_s"] < PG_TIMEOUT_S + 5
+
+
+def _nan_on_rank1(rank: int, mode: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.dist import compression_hook
+
+    model = DDP(_model(), bucket_cap_mb=0.0004)
+    state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
+                             feedback=gradpress.ErrorFeedback(), on_nonfinite=mode)
+    model.register_comm_hook(state, compression_hook)
+    caught = None
+    for step in range(3):
+        x = torch.randn(8, 20)
+        if rank == 1 and step == 1:
+            x[0, 0] = float("nan")
+        try:
+            model.zero_grad()
+            model(x).sum().backward()
+        except Exception as e:
+            caught = f"{type(e).__name__}: {e}"
+            break
+    return {"caught": caught, "digest": _digest(model.module),
+            "skipped": [s.skipped for s in state.history]}
+
+
+def _nan_both_modes(rank: int) -> dict:
+    return {mode: _nan_on_rank1(rank, mode) for mode in ("raise", "skip")}
+
+
+@pytest.fixture(scope="module")
+def nan_runs() -> list[dict]:
+    return _run_ranks(_nan_both_modes)
+
+
+def test_nan_on_one_rank_raises_on_every_rank_instead_of_hanging(nan_runs):
+    for r in nan_runs:
+        assert "error" not in r, r.get("trace")
+        assert r["raise"]["caught"] and "rank(s) [1]" in r["raise"]["caught"], r
+        assert "NonFiniteGradientError" in r["raise"]["caught"]
+
+
+def test_nan_on_one_rank_is_skipped_consistently(nan_runs):
+    a, b = (r["skip"] for r in nan_runs)
+    assert a["caught"] is None and b["caught"] is None, (a, b)
+    assert a["digest"] == b["digest"]
+    assert a["skipped"][1] > 0 and a["skipped"][0] == 0
+
+
+def _gather_bytes(rank: int) -> dict:
+    from gradpress.dist import allgather_bytes
+
+    mine = bytes([rank + 1]) * (3 + 5 * rank)
+    out = {"bounded": allgather_bytes(mine, capacity=16),
+           "unbounded": allgather_bytes(mine),
+           "empty": allgather_bytes(b"" if rank == 0 else b"x"), "caught": None}
+    try:  # rank 1 overflows the agreed capacity: every rank must raise, none may hang
+        allgather_bytes(b"y" * (4 if rank == 0 else 40), capacity=16)
+    except Exception as e:
+        out["caught"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def gathered() -> list[dict]:
+    return _run_ranks(_gather_bytes)
+
+
+def test_allgather_bytes_returns_every_rank_payload_in_rank_order(gathered):
+    want = [b"\x01" * 3, b"\x02" * 8]
+    for r in gathered:
+        assert "error" not in r, r.get("trace")
+        assert r["bounded"] == want and r["unbounded"] == want
+        assert r["empty"] == [b"", b"x"]
+
+
+def test_payload_over_capacity_fails_on_every_rank(gathered):
+    for r in gathered:
+        assert r["caught"] and "PeerError" in r["caught"] and "[1]" in r["caught"]
+
+
+def test_state_dict_round_trip_restores_feedback_exactly():
+    fb = gradpress.ECQFeedback(alpha=0.5, beta=0.9)
+    st = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 3}, feedback=fb)
+    fb.commit("0", torch.ones(5), torch.zeros(5))
+    st.iter, st.bucket_numel = 12, {0: 5}
+    sd = st.state_dict()
+    other = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 3},
+                             feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9))
+    other.load_state_dict(sd)
+    assert other.iter == 12 and other.bucket_numel == {0: 5}
+    assert torch.equal(other.feedback.state("0")["h"], torch.ones(5))
+    wrong = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2})
+    with pytest.raises(ValueError, match="compressor"):
+        wrong.load_state_dict(sd)
+
+
+def test_bad_state_arguments_raise_value_error():
+    with pytest.raises(ValueError):
+        CompressionState(None, compressor="ecq", on_nonfinite="ignore")
+    with pytest.raises(ValueError):
+        CompressionState(None, compressor="no-such-compressor")
+    with pytest.raises(TypeError):
+        CompressionState(None, compressor="fp32", feedback="ecq")
