@@ -10,6 +10,7 @@ Safaryan, Condat and Richtarik (2020). Quick start::
 """
 
 from gradpress.compressors import Compressor, available, get, register
+from gradpress.dist import CompressionState, allgather_bytes, compression_hook
 from gradpress.errors import GradpressError, NonFiniteGradientError, PayloadError, PeerError
 from gradpress.feedback import EF21, ECQFeedback, ErrorFeedback, Feedback, NoFeedback
 from gradpress.payload import Payload
@@ -20,4 +21,5 @@ __all__ = [
     "Compressor", "GradpressError", "NonFiniteGradientError", "Payload", "PayloadError",
     "PeerError", "available", "get", "register",
     "EF21", "ECQFeedback", "ErrorFeedback", "Feedback", "NoFeedback",
+    "CompressionState", "allgather_bytes", "compression_hook",
 ]
