@@ -327,3 +327,17 @@ def test_bad_state_arguments_raise_value_error():
         CompressionState(None, compressor="no-such-compressor")
     with pytest.raises(TypeError):
         CompressionState(None, compressor="fp32", feedback="ecq")
+
+
+@pytest.mark.parametrize("name", gradpress.available())
+def test_payload_bound_holds_for_every_registered_compressor(name):
+    comp = gradpress.get(name)
+    gen = torch.Generator().manual_seed(5)
+    for d in (1, 3, 64, 515, 2049):
+        bound = payload_bound(comp, d)
+        if bound is None:
+            continue
+        for x in (torch.randn(d, generator=gen), torch.zeros(d), torch.arange(d) - d / 3.0,
+                  torch.randn(d, generator=gen) * (torch.rand(d, generator=gen) < 0.05),
+                  torch.randn(d, generator=gen) ** 3):
+            assert len(comp.encode(x, seed=d).to_bytes()) <= bound, (name, d)
