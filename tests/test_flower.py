@@ -3,6 +3,7 @@ strategy's decoding and byte counting, and one real Flower simulation."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -17,6 +18,8 @@ from gradpress.dist import flower as fl
 from gradpress.errors import PayloadError
 
 needs_flwr = pytest.mark.skipif(not fl.HAVE_FLWR, reason=fl.FLWR_MISSING)
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Flower's simulation engine needs ray (flwr[simulation])")
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +186,7 @@ def test_strategy_rejects_unknown_feedback_and_compressor():
 
 
 @needs_flwr
+@needs_ray
 def test_flower_simulation_matches_the_local_loop(data):
     kwargs = dict(rounds=2, hidden=0, compressor="fp16", feedback="ef", lr=0.2, seed=4)
     flower = fl.run_flower(data, **kwargs)

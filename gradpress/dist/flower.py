@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import logging
@@ -431,6 +432,9 @@ def run_flower(data: FederatedData, *, rounds: int = 20, hidden: int = 32,
     """
     if not HAVE_FLWR:
         raise ImportError(FLWR_MISSING)
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("Flower's simulation engine needs Ray: pip install 'flwr[simulation]'"
+                          " (or use run_local)")
     from flwr.simulation import run_simulation
 
     n = len(data.clients)
