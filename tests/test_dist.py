@@ -341,3 +341,28 @@ def test_payload_bound_holds_for_every_registered_compressor(name):
                   torch.randn(d, generator=gen) * (torch.rand(d, generator=gen) < 0.05),
                   torch.randn(d, generator=gen) ** 3):
             assert len(comp.encode(x, seed=d).to_bytes()) <= bound, (name, d)
+
+
+def test_bits_map_to_compressor_kwargs():
+    from gradpress.dist.train_worker import compressor_kwargs
+
+    assert compressor_kwargs("ecq", 2, "") == {"bits": 2}
+    assert compressor_kwargs("qsgd", 3, "bucket_size=128") == {"s": 3, "bucket_size": 128}
+    assert compressor_kwargs("topk", None, "ratio=0.01") == {"ratio": 0.01}
+    with pytest.raises(SystemExit):
+        compressor_kwargs("sign", 2, "")
+
+
+def test_gradpress_train_runs_two_ranks_and_writes_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gradpress", "train", "--nproc", "2", "--task",
+           "breast_cancer", "--compressor", "ecq", "--bits", "3", "--max-steps", "6",
+           "--eval-every", "3", "--no-plot", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HARD_DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((tmp_path / "train.json").read_text())["runs"]["breast_cancer"]
+    assert run["steps"] == 6 and len(run["records"]) == 2
+    assert run["payload_bytes"] > 0 and run["wire_bytes"] >= run["payload_bytes"]
