@@ -141,47 +141,62 @@ def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.T
 
 
 # -- variable-length fields -------------------------------------------------------------
+_LOG2_LUT = np.array([0] + [i.bit_length() - 1 for i in range(1, 256)], dtype=np.int64)
+
+
 def floor_log2(v: np.ndarray) -> np.ndarray:
     """``floor(log2 v)`` of positive integers below 2^53 (``int64``)."""
-    return (np.frexp(np.asarray(v, dtype=np.float64))[1] - 1).astype(np.int64)
+    v = np.asarray(v)
+    if v.size and v.dtype.kind in "iu" and int(v.max()) < 256:
+        return _LOG2_LUT[v]
+    return (np.frexp(v.astype(np.float64))[1] - 1).astype(np.int64)
 
 
-def pack_fields(values: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:
-    """Concatenate ``values[i]`` in ``widths[i] <= 57`` bits each (MSB first).
+def pack_fields(values: np.ndarray | list[np.ndarray], widths: np.ndarray | list[np.ndarray]
+                ) -> tuple[np.ndarray, int]:
+    """Concatenate ``values[i]`` in ``widths[i] <= 57`` bits each (MSB first); ``values`` and
+    ``widths`` may be lists of arrays (streams written one after another, not copied).
 
     Returns the packed bytes (last byte zero-padded) and the exact bit count. Each field is
     shifted into the 64-bit window at its byte offset; windows never overlap in bits, so the
     bytes are the sums of their windows' bytes (``np.bincount``), done per byte lane and in
     chunks of fields so the temporaries stay small.
     """
-    v_all = np.asarray(values).reshape(-1)
-    w_all = np.asarray(widths, dtype=np.int64).reshape(-1)
-    ends = np.cumsum(w_all)
-    total = int(ends[-1]) if ends.size else 0
+    vs = values if isinstance(values, list) else [values]
+    ws = widths if isinstance(widths, list) else [widths]
+    ws = [np.asarray(w, dtype=np.int64).reshape(-1) for w in ws]
+    total = sum(int(w.sum()) for w in ws)
     nbytes = (total + 7) // 8
     if total == 0:
         return np.zeros(0, dtype=np.uint8), 0
-    if int(w_all.max()) > MAX_FIELD:
+    if max(int(w.max()) for w in ws if w.size) > MAX_FIELD:
         raise ValueError(f"field wider than {MAX_FIELD} bits")
     acc = np.zeros(nbytes + 8, dtype=np.float64)
     step = 1 << 18
-    for i in range(0, w_all.size, step):
-        # int64 throughout: numpy's uint64-with-scalar ops are ~10x slower; bit 63 may be
-        # set (negative), which the masked byte extraction below does not mind.
-        v = v_all[i:i + step].astype(np.int64, copy=False)
-        w = w_all[i:i + step]
-        off = ends[i:i + step] - w
-        r = off & 7
-        base = off >> 3
-        b0 = int(base[0])
-        base -= b0
-        win = v << (64 - w - r)
-        win[w == 0] = 0
-        span = int(base[-1]) + 1
-        lanes = (int((r + w).max()) + 7) // 8
-        for k in range(lanes):
-            byte = ((win >> (56 - 8 * k)) & 255).astype(np.float64)
-            acc[b0 + k:b0 + k + span] += np.bincount(base, weights=byte, minlength=span)[:span]
+    pos = 0
+    for v_all, w_all in zip(vs, ws):
+        v_all = np.asarray(v_all).reshape(-1)
+        for i in range(0, w_all.size, step):
+            # int64 throughout: numpy's uint64-with-scalar ops are ~10x slower; bit 63 may
+            # be set (negative), which the masked byte extraction below does not mind.
+            v = v_all[i:i + step].astype(np.int64, copy=False)
+            w = w_all[i:i + step]
+            off = np.cumsum(w)
+            chunk_bits = int(off[-1])
+            off += pos - w
+            pos += chunk_bits
+            r = off & 7
+            base = off >> 3
+            b0 = int(base[0])
+            base -= b0
+            win = v << (64 - w - r)
+            win[w == 0] = 0
+            span = int(base[-1]) + 1
+            lanes = (int((r + w).max()) + 7) // 8
+            for k in range(lanes):
+                byte = ((win >> (56 - 8 * k)) & 255).astype(np.float64)
+                acc[b0 + k:b0 + k + span] += np.bincount(base, weights=byte,
+                                                         minlength=span)[:span]
     return acc[:nbytes].astype(np.uint8), total
 
 
@@ -230,7 +245,12 @@ class FieldReader:
             return np.zeros(0, dtype=np.int64)
         if self._bits is None:
             self._bits = np.unpackbits(self._padded[:self.total // 8])
-        ones = np.flatnonzero(self._bits[self.pos:])
+        window = 8 * n + 64  # grow the scanned window only as far as the n-th one
+        while True:
+            ones = np.flatnonzero(self._bits[self.pos:self.pos + window])
+            if ones.size >= n or self.pos + window >= self.total:
+                break
+            window *= 4
         if ones.size < n:
             raise PayloadError(f"payload truncated while reading {what}")
         ends = ones[:n]
@@ -270,10 +290,13 @@ def delta_fields(v: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return hv + [v & ((1 << L) - 1)], hw + [L]
 
 
-def gamma_bits(v: np.ndarray) -> int:
-    return int((2 * floor_log2(v) + 1).sum())
+def gamma_bits(v: np.ndarray, L: np.ndarray | None = None) -> int:
+    """Total gamma bits of ``v`` (``L = floor_log2(v)`` if already known)."""
+    L = floor_log2(v) if L is None else L
+    return 2 * int(L.sum()) + L.size
 
 
-def delta_bits(v: np.ndarray) -> int:
-    L = floor_log2(v)
-    return int((L + 2 * floor_log2(L + 1) + 1).sum())
+def delta_bits(v: np.ndarray, L: np.ndarray | None = None) -> int:
+    """Total delta bits of ``v`` (``L = floor_log2(v)`` if already known)."""
+    L = floor_log2(v) if L is None else L
+    return int(L.sum()) + 2 * int(_LOG2_LUT[L + 1].sum()) + L.size

@@ -101,15 +101,15 @@ class UniformQuantizer(Compressor):
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         scale, sym = self._quantize(flat, gen)
         sym_np = sym.cpu().numpy()
-        bodies = [self._dense_body(scale, sym_np)]
-        sparse = self._sparse_body(scale, sym_np)
-        if sparse is not None:
-            bodies.append(sparse)
+        best = self._sparse_body(scale, sym_np)  # None unless smaller than the dense code
         if self.entropy:
             w = self._start(ENTROPY, scale)
             write_categorical(w, sym_np, self.levels)
-            bodies.append(w.getvalue())
-        return min(bodies, key=len)
+            coded = w.getvalue()
+            dense_len = (self._header_bits(sym_np.size) + sym_np.size * self.width + 7) // 8
+            if len(coded) < min(dense_len, len(best) if best is not None else dense_len):
+                best = coded
+        return best if best is not None else self._dense_body(scale, sym_np)
 
     def _start(self, mode: int, scale: torch.Tensor) -> BitWriter:
         w = BitWriter()
@@ -210,16 +210,16 @@ class QSGD(UniformQuantizer):
         gaps = np.diff(nz, prepend=-1)
         signed = sym_np[nz].astype(np.int64) - s
         levels = np.abs(signed)
-        g_bits, d_bits = fc.gamma_bits(gaps), fc.delta_bits(gaps)
+        Lg, Ll = fc.floor_log2(gaps), fc.floor_log2(levels)
+        g_bits, d_bits = fc.gamma_bits(gaps, Lg), fc.delta_bits(gaps, Lg)
         use_delta = d_bits < g_bits
         cost = (1 + fc.gamma_bits(np.array([nz.size + 1])) + min(g_bits, d_bits) + nz.size
-                + fc.gamma_bits(levels))
+                + fc.gamma_bits(levels, Ll))
         if cost >= dense:
             return None
         # Layout (same bit count as per-element Elias words): one unary stream holding, per
         # nonzero, the gap's length prefix then the level's; for delta the (Lg+1) low bits;
         # then per nonzero one field [gap low bits | level low bits | sign].
-        Lg, Ll = fc.floor_log2(gaps), fc.floor_log2(levels)
         head_v, head_w = fc.gamma_fields(np.array([nz.size + 1]))
         pre = fc.floor_log2(Lg + 1) if use_delta else Lg
         vals = [np.array([int(use_delta)]), *head_v, (1 << (Ll + 1)) | 1]
@@ -230,7 +230,7 @@ class QSGD(UniformQuantizer):
         vals.append((((gaps & ((1 << Lg) - 1)) << Ll | (levels & ((1 << Ll) - 1))) << 1)
                     | (signed < 0))
         widths.append(Lg + Ll + 1)
-        packed, nbits = fc.pack_fields(np.concatenate(vals), np.concatenate(widths))
+        packed, nbits = fc.pack_fields(vals, widths)
         assert nbits == cost, (nbits, cost)
         w = self._start(SPARSE, scale)
         w.write_bytes(packed)

@@ -61,15 +61,9 @@ class NaturalCompression(Compressor):
         return float(9 * d + (16 if self.exponent_range else 0))
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
-        bits = flat.contiguous().view(torch.int32)
-        e = (bits >> 23) & 0xFF
-        m = (bits & 0x7FFFFF).float().mul_(2.0**-23)
-        r = torch.empty_like(m).uniform_(generator=gen)
-        e += r < m
-        if int(e.max()) >= 255:
+        e8, neg = self._round_exponents(flat, gen)
+        if e8.size and int(e8.max()) >= 255:
             raise ValueError("natural compression needs |x| < 2^127; scale the gradient down")
-        e8 = e.to(torch.uint8).cpu().numpy()
-        neg = (bits < 0).cpu().numpy()
         w = BitWriter()
         if self.exponent_range:
             nz = e8[e8 > 0]
@@ -82,6 +76,29 @@ class NaturalCompression(Compressor):
             w.write_bytes(e8)
         w.write_uint(neg.view(np.uint8), 1)
         return w.getvalue()
+
+    @staticmethod
+    def _round_exponents(flat: torch.Tensor, gen: torch.Generator
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Exponent field ``e + Bernoulli(m / 2^23)`` (uint8) and sign bits, chunk by chunk."""
+        n = flat.numel()
+        bits = flat.contiguous().view(torch.int32)
+        e8 = torch.empty(n, dtype=torch.uint8, device=flat.device)
+        neg = torch.empty(n, dtype=torch.bool, device=flat.device)
+        step = fc.CHUNK if flat.device.type == "cpu" else n
+        e = torch.empty(min(n, step), dtype=torch.int32, device=flat.device)
+        m = torch.empty(min(n, step), device=flat.device)
+        r = torch.empty(min(n, step), device=flat.device)
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            b = bits[i:i + k]
+            torch.bitwise_right_shift(b, 23, out=e[:k]).bitwise_and_(0xFF)
+            m[:k].copy_(b.bitwise_and(0x7FFFFF)).mul_(2.0**-23)
+            r[:k].uniform_(generator=gen)
+            e[:k] += r[:k] < m[:k]
+            e8[i:i + k].copy_(torch.clamp_(e[:k], max=255))
+            torch.lt(b, 0, out=neg[i:i + k])
+        return e8.cpu().numpy(), neg.cpu().numpy()
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         r = BitReader(body)
@@ -97,8 +114,13 @@ class NaturalCompression(Compressor):
         r.expect_end()
         if e.size and int(e.max()) >= 255:
             raise PayloadError("natural payload holds an Inf/NaN exponent")
-        word = (e.astype(np.int32) << 23) | (neg.astype(np.int32) << 31)
-        return torch.from_numpy(word).view(torch.float32).to(device)
+        et, nt = torch.from_numpy(e), torch.from_numpy(neg)
+        out = torch.empty(numel, dtype=torch.int32)
+        for i in range(0, numel, fc.CHUNK):
+            o = out[i:i + fc.CHUNK]
+            o.copy_(et[i:i + fc.CHUNK]).bitwise_left_shift_(23)
+            o.view(torch.float32).mul_(1.0 - 2.0 * nt[i:i + fc.CHUNK])
+        return out.view(torch.float32).to(device)
 
 
 @register
@@ -156,12 +178,12 @@ class NaturalDithering(UniformQuantizer):
         r.expect_end()
         if sym.size and int(sym.max()) >= self.levels:
             raise PayloadError("natural_dithering payload holds a level out of range")
-        k = torch.from_numpy(sym).to(device).float() - self.s
-        mag = torch.exp2(k.abs() - self.s) * (k != 0)
-        b = self._bucket_len(numel)
-        nfull = numel // b
+        sym_t = torch.from_numpy(sym).to(device)
         scale = scale.to(device)
-        val = mag.copysign(k)
-        head = val[:nfull * b].view(nfull, b).mul_(scale[:nfull, None])
-        tail = val[nfull * b:].mul_(scale[nfull:]) if numel > nfull * b else val[:0]
-        return torch.cat([head.view(-1), tail]) if tail.numel() else head.view(-1)
+        out = torch.empty(numel, device=device)
+        for s0, j, rows, w in fc._row_blocks(numel, self._bucket_len(numel), device):
+            k = out[s0:s0 + rows * w].view(rows, w)
+            k.copy_(sym_t[s0:s0 + rows * w].view(rows, w)).sub_(self.s)  # signed level
+            mag = torch.exp2(k.abs() - self.s).mul_(k != 0).mul_(scale[j:j + rows, None])
+            k.copy_(mag.copysign_(k))
+        return out

@@ -139,7 +139,7 @@ class TopK(_Sparsifier):
         if fc.gamma_bits(gaps) < k * width:
             w.write_uint(1, 1)
             gv, gw = fc.gamma_fields(gaps)
-            packed, nbits = fc.pack_fields(np.concatenate(gv), np.concatenate(gw))
+            packed, nbits = fc.pack_fields(gv, gw)
             w.write_bits(np.unpackbits(packed)[:nbits])
         else:
             w.write_uint(0, 1)
