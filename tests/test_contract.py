@@ -101,15 +101,18 @@ def test_unbiased_compressor_is_unbiased_and_meets_omega(name):
         xd = x.double()
         mean, var = ys.mean(0), ys.var(0)
         noisy = var > 1e-12
-        # Coordinates with no randomness must be exact; the others pass a chi-square test.
-        assert torch.allclose(mean[~noisy], xd[~noisy], rtol=1e-5, atol=1e-6)
+        omega = c.omega(x.numel())
+        assert omega is not None, "unbiased compressors declare omega"
+        # Coordinates that never varied in n draws may still round the other way with
+        # probability p <~ 10/n (a rare event); their bias is then at most p times one
+        # coordinate's error, which omega bounds by sqrt(omega)*||x||.
+        rare = 10 / n * math.sqrt(omega) * float(xd.norm())
+        assert torch.allclose(mean[~noisy], xd[~noisy], rtol=1e-5, atol=1e-6 + rare)
         k = int(noisy.sum())
         if k:
             t = float(((mean[noisy] - xd[noisy]) ** 2 / (var[noisy] / n)).sum())
             assert t < k + 8 * math.sqrt(2 * k) + 10, f"bias statistic {t:.1f} over {k} dof"
         err = float(((ys - xd) ** 2).sum(1).mean())
-        omega = c.omega(x.numel())
-        assert omega is not None, "unbiased compressors declare omega"
         assert err <= 1.2 * omega * float((xd**2).sum()) + 1e-9, (err, omega)
 
 
