@@ -111,7 +111,7 @@ class TopK(_Sparsifier):
 
     name = "topk"
     compressor_id = 30
-    bits_rtol = 0.1
+    bits_rtol = 0.15  # measured on Gaussians: 0-6% under (fp32 values), 0-9% (fp16)
 
     def __init__(self, k: int | None = None, ratio: float | None = None,
                  values: str = "fp32") -> None:
