@@ -136,3 +136,24 @@ def test_bad_problems_raise_value_error():
     with pytest.raises(ValueError):
         Simulation(pr, split(40, 2)).run(Method("a", "fp32"), iters=3, lr=-1.0,
                                          progress=False)
+
+
+def test_simulate_commands_write_plots_and_json(tmp_path):
+    import json
+
+    from gradpress.cli import main
+
+    base = ["--quick", "--iters", "6", "--no-progress", "--out"]
+    assert main(["simulate", "ecq-linear", *base, str(tmp_path / "a"), "--dims", "24"]) == 0
+    assert main(["simulate", "alpha-beta", *base, str(tmp_path / "b"), "--dim", "16"]) == 0
+    assert main(["simulate", "optimal-real", *base, str(tmp_path / "c"), "--compressors",
+                 "fp32,fp16+ecq:alpha=0.5;beta=0.9,not_a_compressor"]) == 0
+    res = json.loads((tmp_path / "a" / "ecq_linear.json").read_text())
+    curves = res["datasets"][0]["curves"]
+    assert curves[0]["label"] == "32Bit-FP" and len(curves[0]["loss"]) == 7
+    assert (tmp_path / "a" / "ecq_linear_syn-24.png").stat().st_size > 0
+    ab = json.loads((tmp_path / "b" / "alpha_beta.json").read_text())
+    assert len(ab["final_loss"]) == 3 and (tmp_path / "b" / "alpha_beta.png").exists()
+    real = json.loads((tmp_path / "c" / "optimal_real.json").read_text())
+    assert [c["label"] for c in real["datasets"][0]["curves"]] == [
+        "fp32", "fp16+ecq:alpha=0.5;beta=0.9"]
