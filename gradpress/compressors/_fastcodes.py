@@ -111,17 +111,19 @@ def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor
     ubuf = torch.empty(m, device=flat.device)
     fbuf = torch.empty(m, device=flat.device)
     rbuf = torch.empty(m, device=flat.device)
-    c_t = torch.tensor(c, device=flat.device)
     for s0, j, rows, w in _row_blocks(n, b, flat.device):
         k = rows * w
         u = ubuf[:k].view(rows, w)
         fl = fbuf[:k].view(rows, w)
-        torch.addcmul(c_t, flat[s0:s0 + k].view(rows, w), a[j:j + rows, None], out=u)
+        torch.mul(flat[s0:s0 + k].view(rows, w), a[j:j + rows, None], out=u)
+        u.add_(c)
         torch.floor(u, out=fl)
         u.sub_(fl)  # exact fractional part: a point on the grid is never moved
         rb = rbuf[:k].view(rows, w)
         rb.uniform_(generator=gen)
-        fl.add_(rb < u).clamp_(0.0, levels - 1)
+        # ceil(frac - r) is 1 exactly when r < frac (the sign of a float difference is
+        # exact); float ops only, 10x cheaper than a bool comparison on CPU.
+        fl.add_(u.sub_(rb).ceil_()).clamp_(0.0, levels - 1)
         out[s0:s0 + k].copy_(fl.view(-1))
     return out
 
