@@ -1,0 +1,280 @@
+"""Time to a target accuracy over a slow link: plain DDP vs PyTorch's hooks vs gradpress.
+
+Needs root (``ip netns``, ``tc``). Builds two network namespaces joined by a veth pair
+(10.77.0.1 <-> 10.77.0.2, MTU 1500, private addresses inside namespaces this script
+creates), shapes each direction with a token bucket (``tc qdisc ... tbf rate R burst 32kb
+latency 100ms``), then runs rank 0 in one namespace and rank 1 in the other, training the
+same 4.1M-parameter MLP on scikit-learn's digits (``gradpress.dist.train_worker --task
+digits-mlp4m``, same seed, same data order) until the test accuracy reaches ``--target``,
+once per method:
+
+* ``ddp``: plain DDP, fp32 all-reduce (the baseline every ratio divides by);
+* ``torch-fp16``: PyTorch's ``fp16_compress_hook``;
+* ``torch-powersgd``: PyTorch's ``powerSGD_hook`` (rank ``--powersgd-rank``, error feedback,
+  warm start), run with ONE bucket (``bucket_cap_mb=1000``): on gloo with several buckets it
+  launches its second all-reduce from a future's callback and ranks can disagree on the
+  collective order. ``--powersgd-multibucket`` also runs it with 4 MB buckets and records
+  what happens;
+* gradpress through ``compression_hook``: ECQ (2 and 4 bits, ECQ error compensation), QSGD
+  (3 bits, lengths-first gather so its sparse code's savings reach the wire), scaled sign
+  with error feedback, and sparse dithering when it is registered.
+
+Time to target is the training time (forward, backward with the hook's communication,
+optimizer step; evaluations excluded) until the first evaluation at or above the target;
+bytes are what rank 0 put into the collectives until then (payload = ``len(payload)``, wire
+adds frames and padding; for PyTorch's hooks the all-reduced tensor bytes). Ratios are to
+plain DDP measured in the same run. Namespaces are removed on exit, on error and on Ctrl-C.
+No delay is emulated: this machine's kernel has no ``netem`` (``--delay-ms`` tries it and
+says if it fails).
+
+    sudo .venv/bin/python benchmarks/slow_network.py            # ~10 min
+    sudo .venv/bin/python benchmarks/slow_network.py --quick    # ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDR = ("10.77.0.1", "10.77.0.2")
+
+
+class Netns:
+    """Two namespaces joined by a shaped veth pair; ``close()`` removes everything."""
+
+    def __init__(self, rate: str, delay_ms: float = 0.0) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.ns = (f"gpddp0-{tag}", f"gpddp1-{tag}")
+        self.dev = (f"gpv0-{tag}", f"gpv1-{tag}")
+        self.rate, self.delay_ms, self.notes = rate, delay_ms, []
+        self._made: list[str] = []
+
+    def _ip(self, *args: str, ns: str | None = None) -> None:
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+    def open(self) -> Netns:
+        for n in self.ns:
+            self._ip("ip", "netns", "add", n)
+            self._made.append(n)
+        self._ip("ip", "link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
+        for i in (0, 1):
+            ns, dev = self.ns[i], self.dev[i]
+            self._ip("ip", "link", "set", dev, "netns", ns)
+            self._ip("ip", "link", "set", "lo", "up", ns=ns)
+            self._ip("ip", "addr", "add", f"{ADDR[i]}/24", "dev", dev, ns=ns)
+            self._ip("ip", "link", "set", dev, "mtu", "1500", "up", ns=ns)
+            self.shape(i)
+        return self
+
+    def shape(self, i: int) -> None:
+        ns, dev = self.ns[i], self.dev[i]
+        tbf = ["tbf", "rate", self.rate, "burst", "32kb", "latency", "100ms"]
+        if self.delay_ms:
+            try:
+                self._ip("tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
+                         "delay", f"{self.delay_ms}ms", ns=ns)
+                self._ip("tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:",
+                         *tbf, ns=ns)
+                return
+            except subprocess.CalledProcessError as e:
+                msg = f"netem unavailable ({e.stderr.strip()}); no delay emulated"
+                if msg not in self.notes:
+                    self.notes.append(msg)
+                    print("note:", msg)
+        self._ip("tc", "qdisc", "add", "dev", dev, "root", *tbf, ns=ns)
+
+    def close(self) -> None:
+        while self._made:
+            n = self._made.pop()
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+    def env(self, rank: int, port: int) -> dict[str, str]:
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="1", MASTER_ADDR=ADDR[0], MASTER_PORT=str(port),
+                   GLOO_SOCKET_IFNAME=self.dev[rank], OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+
+def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    import gradpress
+
+    out = [("ddp", ["--compressor", "ddp"]),
+           ("torch-fp16", ["--compressor", "torch-fp16"]),
+           (f"torch-powersgd r={args.powersgd_rank} (1 bucket)",
+            ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
+             "--bucket-cap-mb", "1000"]),
+           ("gradpress ecq 2 bits + ECQ", ["--compressor", "ecq", "--bits", "2"])]
+    if args.quick:
+        return out
+    if args.powersgd_multibucket:
+        out.append((f"torch-powersgd r={args.powersgd_rank} (4 MB buckets)",
+                    ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
+                     "--bucket-cap-mb", "4"]))
+    out += [("gradpress ecq 4 bits + ECQ", ["--compressor", "ecq", "--bits", "4"]),
+            ("gradpress qsgd 3 bits (lengths first)",
+             ["--compressor", "qsgd", "--bits", "3", "--unbounded"]),
+            ("gradpress sign + EF", ["--compressor", "sign", "--feedback", "ef"])]
+    if "sparse_dithering" in gradpress.available():
+        out.append(("gradpress sparse_dithering",
+                    ["--compressor", "sparse_dithering", "--unbounded"]))
+    return out
+
+
+def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, port: int,
+            outdir: Path) -> dict:
+    js = outdir / f"run-{port}.json"
+    common = ["--task", "digits-mlp4m", "--target-acc", str(args.target), "--eval-every",
+              str(args.eval_every), "--max-time", str(args.max_time), "--epochs", "100",
+              "--lr", str(args.lr), "--seed", str(args.seed), "--no-plot",
+              "--out", str(outdir / f"run-{port}"), "--json", str(js)]
+    procs = []
+    t0 = time.monotonic()
+    for rank in (0, 1):
+        cmd = ["ip", "netns", "exec", net.ns[rank], sys.executable, "-m",
+               "gradpress.dist.train_worker", *common, *extra]
+        log = open(outdir / f"run-{port}-rank{rank}.log", "w")  # noqa: SIM115
+        procs.append((subprocess.Popen(cmd, env=net.env(rank, port), stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline = t0 + args.max_time * 1.5 + 120
+    rcs = []
+    try:
+        for p, _ in procs:
+            try:
+                rcs.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                rcs.append(None)
+    finally:  # on timeout, error or Ctrl-C: end the two sessions this call started
+        for p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            log.close()
+    wall = time.monotonic() - t0
+    if rcs != [0, 0] or not js.exists():
+        tail = (outdir / f"run-{port}-rank0.log").read_text()[-600:]
+        err = [ln for ln in tail.splitlines() if "Error" in ln or "error" in ln]
+        return {"label": label, "failed": True, "returncodes": rcs, "wall_s": wall,
+                "error": (err[-1] if err else tail.splitlines()[-1:] or ["?"])[-1][:300]}
+    run = json.loads(js.read_text())["runs"]["digits-mlp4m"]
+    hit = run["reached_target"]
+    return {"label": label, "failed": False, "wall_s": wall, "hook": run["hook"],
+            "steps": run["steps"], "step_s": run["train_time_s"] / max(1, run["steps"]),
+            "reached": hit is not None,
+            "time_to_target_s": hit["train_time_s"] if hit else None,
+            "acc_at_target": hit["test_acc"] if hit else None,
+            "payload_bytes": (hit or run)["payload_bytes"],
+            "wire_bytes": (hit or run)["wire_bytes"],
+            "final_acc": run["final_test_acc"], "train_time_s": run["train_time_s"]}
+
+
+def table(rows: list[dict], rate: str, target: float) -> str:
+    base = next((r for r in rows if r["label"] == "ddp" and not r["failed"]), None)
+    head = (f"| method ({rate}, target {target:.2f}) | time to target s | speedup vs DDP | "
+            "s / step | MB sent (payload) | MB on wire | bytes vs DDP | acc at target |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        if r["failed"]:
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | |")
+            continue
+        t = r["time_to_target_s"]
+        sp = (f"{base['time_to_target_s'] / t:.2f}x" if base and base["reached"] and t
+              else "-")
+        br = f"{r['payload_bytes'] / base['payload_bytes']:.4f}" if base and base["reached"] \
+            else "-"
+        ts = f"{t:.1f}" if t else f"not reached in {r['train_time_s']:.0f}"
+        acc = f"{r['acc_at_target']:.3f}" if r["reached"] else f"{r['final_acc']:.3f} (final)"
+        lines.append(f"| {r['label']} | {ts} | {sp} | {r['step_s']:.3f} | "
+                     f"{r['payload_bytes'] / 1e6:.1f} | {r['wire_bytes'] / 1e6:.1f} | {br} | "
+                     f"{acc} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r["failed"] and r["reached"]]
+    fig, ax = plt.subplots(1, 2, figsize=(12, 0.5 * len(ok) + 2))
+    ax[0].barh([r["label"] for r in ok], [r["time_to_target_s"] for r in ok])
+    ax[0].set(xlabel="training time to target accuracy (s)")
+    ax[1].barh([r["label"] for r in ok], [r["payload_bytes"] / 1e6 for r in ok])
+    ax[1].set(xlabel="MB sent by rank 0 until target", xscale="log")
+    ax[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", default="100mbit", help="tc tbf rate (e.g. 100mbit, 1gbit)")
+    p.add_argument("--target", type=float, default=0.94, help="test accuracy to reach")
+    p.add_argument("--eval-every", type=int, default=5, help="steps between evaluations")
+    p.add_argument("--max-time", type=float, default=240.0,
+                   help="give up on a method after this much training time (s)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--powersgd-rank", type=int, default=2)
+    p.add_argument("--powersgd-multibucket", action="store_true",
+                   help="also run PyTorch's PowerSGD with several buckets (may abort)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="netem delay (if available)")
+    p.add_argument("--quick", action="store_true",
+                   help="ddp, fp16, PowerSGD and ECQ 2 bits to 0.90 (about 3 minutes)")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "slow_network")
+    args = p.parse_args()
+    if args.quick:
+        args.target, args.max_time = min(args.target, 0.90), min(args.max_time, 120.0)
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        print("slow_network.py needs root and the `ip` and `tc` tools (iproute2) to build "
+              "network namespaces; not available here.", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    net = Netns(args.rate, args.delay_ms)
+    atexit.register(net.close)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        net.open()
+    except subprocess.CalledProcessError as e:
+        net.close()
+        print(f"could not build the namespaces/veth/tc ({' '.join(e.cmd)}: "
+              f"{e.stderr.strip()})", file=sys.stderr)
+        return 2
+    rows = []
+    try:
+        for i, (label, extra) in enumerate(methods(args)):
+            print(f"[{i + 1}] {label} ...", flush=True)
+            r = run_one(net, label, extra, args, 29600 + i, args.out)
+            rows.append(r)
+            print("    " + ("FAILED: " + r["error"] if r["failed"] else
+                           f"{r['steps']} steps, {r['step_s']:.3f} s/step, time to target "
+                           f"{r['time_to_target_s']}, acc {r['final_acc']:.3f}"), flush=True)
+    finally:
+        net.close()
+    md = table(rows, args.rate, args.target)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"\n{stamp}, {os.cpu_count()} CPUs, gloo over veth + tc tbf {args.rate}\n\n{md}")
+    res = {"date": stamp, "rate": args.rate, "target": args.target, "notes": net.notes,
+           "config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+           "table_md": md}
+    (args.out / "slow_network.json").write_text(json.dumps(res, indent=1))
+    plot(rows, args.out / "slow_network.png")
+    print(f"\nwrote {args.out / 'slow_network.json'} and {args.out / 'slow_network.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
