@@ -300,7 +300,7 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     mine: bytes | int
     sent: torch.Tensor | None = None
     try:
-        grad = buffer.detach().clone()
+        grad = buffer.detach()  # not written before finish(): no copy needed
         v = fb.to_send(key, grad)
         payload = comp.encode(v, seed=seed)
         mine = payload.to_bytes()
@@ -345,7 +345,7 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
     if bad:
         raise PeerError(f"step {it}, bucket {index}: rank(s) {sorted(bad)} produced payloads "
                         f"larger than {comp.name}'s declared bound; report this as a bug")
-    acc = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+    acc: torch.Tensor | None = None
     n = 0
     for r, e in enumerate(entries):
         if isinstance(e, int):
@@ -361,8 +361,9 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
             except PayloadError as err:
                 raise PeerError(f"step {it}, bucket {index}: rank {r}'s payload is unusable "
                                 f"({err}); do all ranks use the same compressor?") from err
-        acc += dec.reshape(-1).float()
+        dec = dec.reshape(-1).float()
+        acc = dec.clone() if acc is None else acc.add_(dec)
         n += 1
-    if n:
-        acc /= n
-    return acc.to(buffer.dtype)
+    if acc is None:  # every rank skipped this bucket
+        return torch.zeros_like(buffer)
+    return acc.div_(n).to(buffer.dtype)
