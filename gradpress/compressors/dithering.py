@@ -252,20 +252,22 @@ class QSGD(UniformQuantizer):
             Lg = ((1 << Lg) | fr.fields(Lg, "delta prefixes").astype(np.int64)) - 1
         if nnz and (int(Lg.max()) > 40 or int(Ll.max()) > 7):
             raise PayloadError("qsgd payload has an over-long gap or level code")
-        body_ = fr.fields(Lg + Ll + 1, "gaps, levels and signs").astype(np.int64)
-        fr.expect_end("qsgd payload body")
-        neg = (body_ & 1).astype(bool)
-        levels = (1 << Ll) | ((body_ >> 1) & ((1 << Ll) - 1))
-        gaps = (1 << Lg) | (body_ >> (Ll + 1))
-        idx_np = np.cumsum(gaps) - 1
-        if nnz and (int(idx_np[-1]) >= numel or int(levels.max()) > self.s):
-            raise PayloadError("qsgd payload has a position or level out of range")
         b = self._bucket_len(numel)
         inv_np = inv.cpu().numpy()
-        val = np.where(neg, -levels, levels).astype(np.float32) * inv_np[idx_np // b]
-        out = torch.zeros(numel, device=device)
-        out[torch.from_numpy(idx_np).to(device)] = torch.from_numpy(val).to(device)
-        return out
+        out = np.zeros(numel, dtype=np.float32)
+        start = 0  # position of the next nonzero's gap origin
+        for i in range(0, nnz, 1 << 16):  # blocks keep every temporary in cache
+            lg, ll = Lg[i:i + (1 << 16)], Ll[i:i + (1 << 16)]
+            f = fr.fields(lg + ll + 1, "gaps, levels and signs").astype(np.int64)
+            levels = (1 << ll) | ((f >> 1) & ((1 << ll) - 1))
+            idx = np.cumsum((1 << lg) | (f >> (ll + 1))) + (start - 1)
+            if int(idx[-1]) >= numel or int(levels.max()) > self.s:
+                raise PayloadError("qsgd payload has a position or level out of range")
+            start = int(idx[-1]) + 1
+            levels[(f & 1).astype(bool)] *= -1
+            out[idx] = levels.astype(np.float32) * inv_np[idx // b]
+        fr.expect_end("qsgd payload body")
+        return torch.from_numpy(out).to(device)
 
 
 @register
