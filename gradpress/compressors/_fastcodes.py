@@ -158,48 +158,57 @@ def pack_fields(values: np.ndarray | list[np.ndarray], widths: np.ndarray | list
                 ) -> tuple[np.ndarray, int]:
     """Concatenate ``values[i]`` in ``widths[i] <= 57`` bits each (MSB first); ``values`` and
     ``widths`` may be lists of arrays (streams written one after another, not copied).
-
-    Returns the packed bytes (last byte zero-padded) and the exact bit count. Each field is
-    shifted into the 64-bit window at its byte offset; windows never overlap in bits, so the
-    bytes are the sums of their windows' bytes (``np.bincount``), done per byte lane and in
-    chunks of fields so the temporaries stay small.
-    """
+    Returns the packed bytes (last byte zero-padded) and the exact bit count."""
     vs = values if isinstance(values, list) else [values]
-    ws = widths if isinstance(widths, list) else [widths]
-    ws = [np.asarray(w, dtype=np.int64).reshape(-1) for w in ws]
+    ws = [np.asarray(w, dtype=np.int64).reshape(-1)
+          for w in (widths if isinstance(widths, list) else [widths])]
     total = sum(int(w.sum()) for w in ws)
-    nbytes = (total + 7) // 8
-    if total == 0:
-        return np.zeros(0, dtype=np.uint8), 0
-    if max(int(w.max()) for w in ws if w.size) > MAX_FIELD:
-        raise ValueError(f"field wider than {MAX_FIELD} bits")
-    acc = np.zeros(nbytes + 8, dtype=np.float64)
     step = 1 << 18
+    chunks = ((np.asarray(v).reshape(-1)[i:i + step], w[i:i + step])
+              for v, w in zip(vs, ws) for i in range(0, w.size, step))
+    return pack_chunks(chunks, total), total
+
+
+def pack_chunks(chunks, total: int) -> np.ndarray:
+    """Packed bytes of the fields in ``chunks`` (an iterable of ``(values, widths)`` array
+    pairs, each at most a few hundred thousand fields) totalling ``total`` bits.
+
+    Each field is shifted into the 64-bit window at its byte offset; windows never overlap in
+    bits, so the bytes are the sums of their windows' bytes (``np.bincount``), per byte lane.
+    Chunks keep every temporary small (no page faults on CPU).
+    """
+    nbytes = (total + 7) // 8
+    acc = np.zeros(nbytes + 8, dtype=np.float64)
     pos = 0
-    for v_all, w_all in zip(vs, ws):
-        v_all = np.asarray(v_all).reshape(-1)
-        for i in range(0, w_all.size, step):
-            # int64 throughout: numpy's uint64-with-scalar ops are ~10x slower; bit 63 may
-            # be set (negative), which the masked byte extraction below does not mind.
-            v = v_all[i:i + step].astype(np.int64, copy=False)
-            w = w_all[i:i + step]
-            off = np.cumsum(w)
-            chunk_bits = int(off[-1])
-            off += pos - w
-            pos += chunk_bits
-            r = off & 7
-            base = off >> 3
-            b0 = int(base[0])
-            base -= b0
-            win = v << (64 - w - r)
-            win[w == 0] = 0
-            span = int(base[-1]) + 1
-            lanes = (int((r + w).max()) + 7) // 8
-            for k in range(lanes):
-                byte = ((win >> (56 - 8 * k)) & 255).astype(np.float64)
-                acc[b0 + k:b0 + k + span] += np.bincount(base, weights=byte,
-                                                         minlength=span)[:span]
-    return acc[:nbytes].astype(np.uint8), total
+    for v, w in chunks:
+        if not w.size:
+            continue
+        # int64 throughout: numpy's uint64-with-scalar ops are ~10x slower; bit 63 may be
+        # set (negative), which the masked byte extraction below does not mind.
+        v = v.astype(np.int64, copy=False)
+        w = w.astype(np.int64, copy=False)
+        if int(w.max()) > MAX_FIELD:
+            raise ValueError(f"field wider than {MAX_FIELD} bits")
+        off = np.cumsum(w)
+        chunk_bits = int(off[-1])
+        off += pos - w
+        pos += chunk_bits
+        if pos > total:
+            raise ValueError("fields exceed the declared total")
+        r = off & 7
+        base = off >> 3
+        b0 = int(base[0])
+        base -= b0
+        win = v << (64 - w - r)
+        win[w == 0] = 0
+        span = int(base[-1]) + 1
+        lanes = (int((r + w).max()) + 7) // 8
+        for k in range(lanes):
+            byte = ((win >> (56 - 8 * k)) & 255).astype(np.float64)
+            acc[b0 + k:b0 + k + span] += np.bincount(base, weights=byte, minlength=span)[:span]
+    if pos != total:
+        raise ValueError(f"fields hold {pos} bits, declared {total}")
+    return acc[:nbytes].astype(np.uint8)
 
 
 class FieldReader:

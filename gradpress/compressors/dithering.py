@@ -221,17 +221,28 @@ class QSGD(UniformQuantizer):
         # nonzero, the gap's length prefix then the level's; for delta the (Lg+1) low bits;
         # then per nonzero one field [gap low bits | level low bits | sign].
         head_v, head_w = fc.gamma_fields(np.array([nz.size + 1]))
-        pre = fc.floor_log2(Lg + 1) if use_delta else Lg
-        vals = [np.array([int(use_delta)]), *head_v, (1 << (Ll + 1)) | 1]
-        widths = [np.array([1]), *head_w, pre + Ll + 2]
-        if use_delta:
-            vals.append((Lg + 1) & ((1 << pre) - 1))
-            widths.append(pre)
-        vals.append((((gaps & ((1 << Lg) - 1)) << Ll | (levels & ((1 << Ll) - 1))) << 1)
-                    | (signed < 0))
-        widths.append(Lg + Ll + 1)
-        packed, nbits = fc.pack_fields(vals, widths)
-        assert nbits == cost, (nbits, cost)
+        neg = signed < 0
+        step = 1 << 16
+
+        def chunks():
+            yield (np.concatenate([[int(use_delta)], *head_v]),
+                   np.concatenate([[1], *head_w]))
+            for i in range(0, nz.size, step):
+                lg, ll = Lg[i:i + step], Ll[i:i + step]
+                pre = fc.floor_log2(lg + 1) if use_delta else lg
+                yield (1 << (ll + 1)) | 1, pre + ll + 2
+            if use_delta:
+                for i in range(0, nz.size, step):
+                    lg1 = Lg[i:i + step] + 1
+                    pre = fc.floor_log2(lg1)
+                    yield lg1 & ((1 << pre) - 1), pre
+            for i in range(0, nz.size, step):
+                lg, ll = Lg[i:i + step], Ll[i:i + step]
+                low_g = gaps[i:i + step] & ((1 << lg) - 1)
+                low_l = levels[i:i + step] & ((1 << ll) - 1)
+                yield ((low_g << ll | low_l) << 1) | neg[i:i + step], lg + ll + 1
+
+        packed = fc.pack_chunks(chunks(), cost)
         w = self._start(SPARSE, scale)
         w.write_bytes(packed)
         return w.getvalue()
