@@ -343,52 +343,122 @@ def validate(measured: list[dict[str, Any]], *, latency_s: float = 1e-4,
              tolerance: float = 0.25) -> list[dict[str, Any]]:
     """Predicted vs measured step time for each record of the slow-network benchmark.
 
-    Each record needs ``compressor``, ``nproc``, ``bandwidth_bps``, ``step_time_s``,
-    ``bytes_per_step`` (the bytes one rank puts in its message per step: its payloads, or
-    its fp32 gradient for plain all-reduce) and ``compute_s`` (measured step time without
-    communication). Optional: ``latency_s`` (one-way delay per message, e.g. tc's delay),
-    ``messages`` (collectives per step, e.g. DDP buckets), ``encode_s``/``decode_s``
-    (measured per step), ``numel`` (gradient elements, used with ``profiles`` when the
-    codec times are absent) and ``collective`` (``allreduce`` or ``allgather``; default
-    all-reduce for fp32/plain DDP, all-gather otherwise). Returns one row per record with
+    Each record needs ``compressor``, ``nproc``, ``bandwidth_bps``, ``step_time_s`` and
+    ``bytes_per_step`` (the bytes one rank puts into the collective per step: its padded
+    payloads, or its fp32 gradient for plain all-reduce). The local (non-network) part of a
+    step comes from either
+
+    * ``compute_s`` (forward+backward+step) plus ``encode_s``/``decode_s`` (per step; or
+      ``numel`` with a matching entry in ``profiles``, then ``p`` decodes are charged), or
+    * ``reference_step_time_s`` measured for the same method over a fast link of
+      ``reference_bandwidth_bps``: local = reference - predicted communication at that
+      bandwidth. This calibrates everything the hook does on the CPU (codec, feedback,
+      copies) under the same load, so only the network part is predicted.
+
+    Optional: ``latency_s`` (per message), ``messages`` (collectives per step) and
+    ``collective`` (``allreduce`` or ``allgather``; default all-reduce for fp32/plain DDP
+    and PyTorch's own hooks, all-gather otherwise). Returns one row per record with
     ``predicted_s``, ``measured_s``, ``rel_error`` and ``within`` (|error| <= tolerance).
     """
     rows = []
     for rec in measured:
         missing = [k for k in ("compressor", "nproc", "bandwidth_bps", "step_time_s",
-                               "bytes_per_step", "compute_s") if k not in rec]
+                               "bytes_per_step") if k not in rec]
+        if "compute_s" not in rec and "reference_step_time_s" not in rec:
+            missing.append("compute_s (or reference_step_time_s)")
         if missing:
             raise ValueError(f"measured record lacks {', '.join(missing)}: {rec}")
         name, p = str(rec["compressor"]), int(rec["nproc"])
-        net = Network(float(rec["bandwidth_bps"]), float(rec.get("latency_s", latency_s)),
-                      efficiency)
+        lat = float(rec.get("latency_s", latency_s))
         msgs = int(rec.get("messages", 1))
-        collective = rec.get("collective") or (
-            "allreduce" if name.lower() in ("fp32", "none", "ddp", "allreduce", "plain")
-            else "allgather")
-        enc, dec = rec.get("encode_s"), rec.get("decode_s")
-        prof = (profiles or {}).get(name)
-        if prof is not None and "numel" in rec:
-            enc = prof.encode_time(rec["numel"]) if enc is None else enc
-            dec = p * prof.decode_time(rec["numel"]) if dec is None else dec
-        enc, dec = float(enc or 0.0), float(dec or 0.0)
+        collective = rec.get("collective") or _default_collective(name)
         nbytes = float(rec["bytes_per_step"])
-        if collective == "allreduce":
-            comm = float(ring_allreduce_s(nbytes, p, net, msgs))
-        elif collective == "allgather":
-            comm = float(allgather_s(nbytes, p, net, msgs))
+        comm = _comm_s(collective, nbytes, p, Network(float(rec["bandwidth_bps"]), lat,
+                                                        efficiency), msgs)
+        if "reference_step_time_s" in rec:
+            ref_net = Network(float(rec["reference_bandwidth_bps"]), lat, efficiency)
+            local = float(rec["reference_step_time_s"]) - _comm_s(collective, nbytes, p,
+                                                                   ref_net, msgs)
+            compute, codec = local, 0.0
         else:
-            raise ValueError(f"collective must be 'allreduce' or 'allgather', got "
-                             f"{collective!r}")
-        pred = float(rec["compute_s"]) + enc + comm + dec
+            enc, dec = rec.get("encode_s"), rec.get("decode_s")
+            prof = (profiles or {}).get(name)
+            if prof is not None and "numel" in rec:
+                enc = prof.encode_time(rec["numel"]) if enc is None else enc
+                dec = p * prof.decode_time(rec["numel"]) if dec is None else dec
+            compute, codec = float(rec["compute_s"]), float(enc or 0.0) + float(dec or 0.0)
+        pred = compute + codec + comm
         meas = float(rec["step_time_s"])
         err = pred / meas - 1.0 if meas > 0 else math.inf
-        rows.append({"compressor": name, "nproc": p, "bandwidth_bps": net.bandwidth_bps,
-                     "collective": collective, "bytes_per_step": nbytes,
-                     "compute_s": float(rec["compute_s"]), "codec_s": enc + dec,
-                     "comm_s": comm, "predicted_s": pred, "measured_s": meas,
+        rows.append({"compressor": name, "nproc": p, "bandwidth_bps": float(rec["bandwidth_bps"]),
+                     "collective": collective, "bytes_per_step": nbytes, "compute_s": compute,
+                     "codec_s": codec, "comm_s": comm, "predicted_s": pred, "measured_s": meas,
                      "rel_error": err, "within": abs(err) <= tolerance})
     return rows
+
+
+def _default_collective(name: str) -> str:
+    low = name.lower()
+    if low in ("fp32", "none", "ddp", "allreduce", "plain") or low.startswith("torch-"):
+        return "allreduce"
+    return "allgather"
+
+
+def _comm_s(collective: str, nbytes: float, p: int, net: Network, msgs: int) -> float:
+    if collective == "allreduce":
+        return float(ring_allreduce_s(nbytes, p, net, msgs))
+    if collective == "allgather":
+        return float(allgather_s(nbytes, p, net, msgs))
+    raise ValueError(f"collective must be 'allreduce' or 'allgather', got {collective!r}")
+
+
+def parse_rate(rate: str | float) -> float:
+    """A ``tc`` rate (``"100mbit"``, ``"1gbit"``, ``"500kbit"``, ``"10mbps"``) in bit/s."""
+    if isinstance(rate, (int, float)):
+        return float(rate)
+    text = rate.strip().lower()
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "gbps": 8e9, "mbps": 8e6, "kbps": 8e3,
+             "bit": 1.0, "bps": 8.0}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            try:
+                return float(text[: -len(unit)]) * scale
+            except ValueError:
+                break
+    raise ValueError(f"cannot read the rate {rate!r}; use e.g. 100mbit or 1gbit")
+
+
+def records_from_slow_network(result: dict[str, Any], *,
+                              reference: dict[str, Any] | None = None,
+                              compute_s: float | None = None, nproc: int = 2
+                              ) -> list[dict[str, Any]]:
+    """Validation records from ``benchmarks/slow_network.py``'s JSON (``rate``, ``rows``).
+
+    Per method: ``step_time_s`` = its ``step_s``, ``bytes_per_step`` = ``wire_bytes /
+    steps`` (training stops at the target, so both count the same steps). The local part
+    comes from ``reference`` (the same benchmark run at a fast rate, matched by label) or,
+    failing that, from ``compute_s``. Failed methods and ones absent from ``reference`` are
+    left out when no ``compute_s`` is given.
+    """
+    bw = parse_rate(result["rate"])
+    ref_rows = {r["label"]: r for r in (reference or {}).get("rows", []) if not r.get("failed")}
+    out = []
+    for row in result["rows"]:
+        if row.get("failed") or not row.get("steps"):
+            continue
+        rec: dict[str, Any] = {"compressor": row["label"], "nproc": nproc,
+                               "bandwidth_bps": bw, "step_time_s": float(row["step_s"]),
+                               "bytes_per_step": row["wire_bytes"] / row["steps"]}
+        ref = ref_rows.get(row["label"])
+        if ref is not None and ref.get("steps"):
+            rec["reference_step_time_s"] = float(ref["step_s"])
+            rec["reference_bandwidth_bps"] = parse_rate(reference["rate"])  # type: ignore[index]
+        elif compute_s is not None:
+            rec["compute_s"] = compute_s
+        else:
+            continue
+        out.append(rec)
+    return out
 
 
 def validation_markdown(rows: list[dict[str, Any]]) -> str:

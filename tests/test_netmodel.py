@@ -204,3 +204,47 @@ def test_parse_spec_reads_typed_options():
     assert parse_spec(" fp32 ") == ("fp32", {})
     with pytest.raises(ValueError, match="key=value"):
         parse_spec("qsgd:s")
+
+
+def test_reference_run_calibrates_the_local_time():
+    # Local time 0.3 s at both rates; only the network part changes.
+    ref_net, slow_net = nm.Network(1e10, 0.0, nm.TCP_EFFICIENCY), nm.Network(1e8, 0.0,
+                                                                             nm.TCP_EFFICIENCY)
+    nbytes = 1e6
+    rec = {"compressor": "ecq", "nproc": 2, "bandwidth_bps": 1e8, "bytes_per_step": nbytes,
+           "step_time_s": 0.3 + float(nm.allgather_s(nbytes, 2, slow_net)),
+           "reference_step_time_s": 0.3 + float(nm.allgather_s(nbytes, 2, ref_net)),
+           "reference_bandwidth_bps": 1e10, "latency_s": 0.0}
+    row = nm.validate([rec])[0]
+    assert row["compute_s"] == pytest.approx(0.3)
+    assert row["rel_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("text,bps", [("100mbit", 1e8), ("1gbit", 1e9), ("500kbit", 5e5),
+                                      ("10mbps", 8e7), (2.5e6, 2.5e6)])
+def test_parse_rate_reads_tc_units(text, bps):
+    assert nm.parse_rate(text) == bps
+
+
+def test_parse_rate_rejects_nonsense():
+    with pytest.raises(ValueError, match="rate"):
+        nm.parse_rate("fast")
+
+
+def test_records_from_slow_network_match_rows_to_the_reference_by_label():
+    def rows(step_ddp: float, step_ecq: float) -> list[dict]:
+        return [{"label": "ddp", "failed": False, "steps": 10, "step_s": step_ddp,
+                 "wire_bytes": 10 * 4e6},
+                {"label": "gradpress ecq", "failed": False, "steps": 5, "step_s": step_ecq,
+                 "wire_bytes": 5 * 2.5e5},
+                {"label": "broken", "failed": True, "error": "x"}]
+
+    slow = {"rate": "100mbit", "rows": rows(0.4, 0.1)}
+    fast = {"rate": "10gbit", "rows": rows(0.06, 0.05)}
+    recs = nm.records_from_slow_network(slow, reference=fast)
+    assert [r["compressor"] for r in recs] == ["ddp", "gradpress ecq"]
+    assert recs[1]["bytes_per_step"] == 2.5e5 and recs[1]["reference_bandwidth_bps"] == 1e10
+    rows_out = nm.validate(recs)
+    assert [r["collective"] for r in rows_out] == ["allreduce", "allgather"]
+    assert nm.records_from_slow_network(slow) == []
+    assert len(nm.records_from_slow_network(slow, compute_s=0.01)) == 2

@@ -44,8 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breakdown-workers", type=int, default=64,
                    help="worker count of the time-breakdown plot")
     p.add_argument("--measured", type=Path, default=None,
-                   help="JSON of measured step times (list of records, or {'records': [...]})"
-                        " to validate the model against")
+                   help="measured step times to validate against: a JSON list of records "
+                        "(see gradpress.netmodel.validate) or benchmarks/slow_network.py's "
+                        "slow_network.json")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="slow_network.json of the same benchmark at a fast rate (e.g. 10gbit):"
+                        " calibrates each method's local (CPU) time per step")
+    p.add_argument("--compute-s", type=float, default=None,
+                   help="local time per step for slow_network methods without a reference")
     p.add_argument("--device", default=None,
                    help="where to calibrate compute and codecs (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,10 +72,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def _load_measured(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text())
+def _load_measured(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from gradpress import netmodel as nm
+
+    data = json.loads(args.measured.read_text())
+    if isinstance(data, dict) and "rows" in data and "rate" in data:  # slow_network.json
+        ref = json.loads(args.reference.read_text()) if args.reference else None
+        return nm.records_from_slow_network(data, reference=ref, compute_s=args.compute_s)
     if isinstance(data, dict):
-        data = data.get("records") or data.get("runs") or data.get("results") or []
+        data = data.get("records") or []
     return [r for r in data if isinstance(r, dict)]
 
 
@@ -132,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         "summary_markdown": summary,
     }
     if args.measured:
-        val = nm.validate(_load_measured(args.measured),
+        val = nm.validate(_load_measured(args),
                           profiles={p.display_name: p for p in profiles})
         table = nm.validation_markdown(val)
         print(table)
