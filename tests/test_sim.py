@@ -157,3 +157,26 @@ def test_simulate_commands_write_plots_and_json(tmp_path):
     real = json.loads((tmp_path / "c" / "optimal_real.json").read_text())
     assert [c["label"] for c in real["datasets"][0]["curves"]] == [
         "fp32", "fp16+ecq:alpha=0.5;beta=0.9"]
+
+
+def test_method_specs_parse_compressor_options_and_feedback():
+    from gradpress.sim.experiments import parse_method
+
+    m = parse_method("qsgd:s=4;bucket_size=None+ecq:alpha=0.2;beta=0.95")
+    assert (m.compressor, m.compressor_kw) == ("qsgd", {"s": 4, "bucket_size": None})
+    assert (m.feedback, m.feedback_kw) == ("ecq", {"alpha": 0.2, "beta": 0.95})
+    assert parse_method("fp32").feedback == "none"
+    with pytest.raises(ValueError):
+        parse_method("qsgd:s")
+
+
+def test_theory_step_shrinks_with_compressor_variance():
+    from gradpress.sim.experiments import theory_step
+
+    pr = real_dataset("wine")
+    sim = Simulation(pr, split(pr.n, 4, seed=0))
+    L, _ = sim.smoothness()
+    import gradpress
+
+    assert theory_step(sim, gradpress.get("fp32"), "none") == pytest.approx(1.0 / L)
+    assert theory_step(sim, gradpress.get("qsgd", s=1), "none") < 1.0 / L

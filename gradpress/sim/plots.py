@@ -68,19 +68,25 @@ def heatmap_figure(res: dict[str, Any], path: Path) -> None:
     fin = np.isfinite(excess)
     shown = np.where(fin, excess, np.nan)
     fig, ax = plt.subplots(figsize=(1.2 * len(res["betas"]) + 3, 0.8 * len(res["alphas"]) + 2))
-    vmax = np.nanmax(shown) if fin.any() else 1.0
     vmin = np.nanmin(shown) if fin.any() else 0.0
-    im = ax.imshow(shown, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
+    vmax = np.nanmax(shown) if fin.any() else 1.0
+    if 0.0 in res["alphas"] and np.isfinite(shown[res["alphas"].index(0.0)]).any():
+        # Colour up to 10x the excess loss of QSGD (alpha = 0); worse cells saturate.
+        vmax = min(vmax, np.nanmax(shown[res["alphas"].index(0.0)]) + 1.0)
+    vmax = max(vmax, vmin + 1e-3)
+    im = ax.imshow(np.minimum(shown, vmax), cmap="viridis_r", vmin=vmin, vmax=vmax,
+                   aspect="auto")
     for i in range(loss.shape[0]):
         for j in range(loss.shape[1]):
             txt = f"{loss[i, j]:.4f}" if fin[i, j] else "div."
             ax.text(j, i, txt, ha="center", va="center", fontsize=7,
                     color="white" if fin[i, j] and shown[i, j] > (vmin + vmax) / 2 else "black")
+    ax.set_facecolor("lightgrey")
     ax.set_xticks(range(len(res["betas"])), [f"{b:g}" for b in res["betas"]])
     ax.set_yticks(range(len(res["alphas"])), [f"{a:g}" for a in res["alphas"]])
     ax.set_xlabel("beta (time-decaying factor)")
     ax.set_ylabel("alpha (compensation coefficient)")
-    fig.colorbar(im, label="log10(final loss - f*)")
+    fig.colorbar(im, label="log10(final loss - f*)  (grey: diverged)")
     s = res["settings"]
     ax.set_title(f"ECQ-SGD final loss, syn-{s['d']}, {s['compressor']} {s['compressor_kw']}\n"
                  f"full precision: {res['full_precision_final_loss']:.4f}, f* = {f_star:.4f}; "
