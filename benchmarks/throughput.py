@@ -1,9 +1,9 @@
 """Encode/decode throughput of every registered compressor, against ``x.clone()``.
 
 For each compressor on one float32 tensor (``--numel``, default 2^24 elements, standard
-normal, seed 0) we time ``encode(x)`` and ``decode(payload)`` (median of ``--repeat`` runs
-after one warm-up) and a plain ``x.clone()`` of the same tensor right before each
-compressor, so every ratio compares timings taken in the same run and minute. Reported:
+normal, seed 0) we time ``x.clone()``, ``encode(x)`` and ``decode(payload)`` in turn,
+``--repeat`` times after one warm-up, and take each median, so every ratio compares timings
+taken in the same run under the same machine load. Reported:
 
 * encode / decode throughput in GB/s of input (``4 * numel`` bytes per call);
 * each as a ratio to the clone rate (``t_clone / t_encode``; 1.0 = as fast as a copy);
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import functools
 import json
 import os
 import platform
@@ -48,30 +49,32 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def _median_time(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def measure(spec: str, x: torch.Tensor, repeat: int) -> dict:
+    """Median times of clone, encode and decode, interleaved run by run so that all three
+    see the same machine load."""
     name, kwargs = parse_spec(spec)
     c = gradpress.get(name, **kwargs)
-    payload = c.encode(x, seed=1)  # warm-up
-    c.decode(payload)
-    t_clone, _ = _median_time(x.clone, repeat)
-    t_enc, payload = _median_time(lambda: c.encode(x, seed=1), repeat)
-    wire = payload.to_bytes()
-    t_dec, _ = _median_time(lambda: c.decode(wire), repeat)
+    wire = c.encode(x, seed=1).to_bytes()  # warm-up
+    c.decode(wire)
+    t_clone, t_enc, t_dec = [], [], []
+    for _ in range(repeat):
+        t_clone.append(_timed(x.clone)[0])
+        t, payload = _timed(lambda: c.encode(x, seed=1))
+        t_enc.append(t)
+        wire = payload.to_bytes()
+        t_dec.append(_timed(functools.partial(c.decode, wire))[0])
+    tc, te, td = (statistics.median(t) for t in (t_clone, t_enc, t_dec))
     gb = 4 * x.numel() / 1e9
     return {
-        "compressor": spec, "t_clone_s": t_clone, "t_encode_s": t_enc, "t_decode_s": t_dec,
-        "encode_GBps": gb / t_enc, "decode_GBps": gb / t_dec, "clone_GBps": gb / t_clone,
-        "encode_ratio": t_clone / t_enc, "decode_ratio": t_clone / t_dec,
-        "roundtrip_ratio": t_clone / (t_enc + t_dec),
+        "compressor": spec, "t_clone_s": tc, "t_encode_s": te, "t_decode_s": td,
+        "encode_GBps": gb / te, "decode_GBps": gb / td, "clone_GBps": gb / tc,
+        "encode_ratio": tc / te, "decode_ratio": tc / td, "roundtrip_ratio": tc / (te + td),
         "bits_per_coord": 8 * len(wire) / x.numel(),
     }
 

@@ -219,6 +219,7 @@ class FieldReader:
         self.total = 8 * raw.size
         self._padded = np.concatenate([raw, np.zeros(8, dtype=np.uint8)])
         self._bits: np.ndarray | None = None
+        self._rate = 8.0  # bits per unary code expected by the next scan
         self.pos = start
 
     def _need(self, nbits: int, what: str) -> None:
@@ -256,7 +257,9 @@ class FieldReader:
             return np.zeros(0, dtype=np.int64)
         if self._bits is None:
             self._bits = np.unpackbits(self._padded[:self.total // 8])
-        window = 8 * n + 64  # grow the scanned window only as far as the n-th one
+        # Scan only about as far as the n-th one: the window follows the bits per code seen
+        # in the previous call (grown 4x whenever it falls short).
+        window = int(self._rate * n) + 64
         while True:
             ones = np.flatnonzero(self._bits[self.pos:self.pos + window])
             if ones.size >= n or self.pos + window >= self.total:
@@ -265,6 +268,7 @@ class FieldReader:
         if ones.size < n:
             raise PayloadError(f"payload truncated while reading {what}")
         ends = ones[:n]
+        self._rate = 1.1 * (int(ends[-1]) + 1) / n
         lengths = np.diff(ends, prepend=-1) - 1
         self.pos += int(ends[-1]) + 1
         return lengths

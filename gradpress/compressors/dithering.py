@@ -203,48 +203,56 @@ class QSGD(UniformQuantizer):
         if not self.sparse:
             return None
         s = self.s
-        nz = np.flatnonzero(sym_np != s)
         dense = sym_np.size * self.width
-        if 3 * nz.size >= dense:  # each nonzero costs >= 3 bits: sparse cannot win
-            return None
-        gaps = np.diff(nz, prepend=-1)
-        signed = sym_np[nz].astype(np.int64) - s
-        levels = np.abs(signed)
-        Lg, Ll = fc.floor_log2(gaps), fc.floor_log2(levels)
-        g_bits, d_bits = fc.gamma_bits(gaps, Lg), fc.delta_bits(gaps, Lg)
+        # Pass 1, block by block (small arrays, no page faults): nonzero positions, gaps,
+        # signed levels and their Elias length prefixes, and the code sizes.
+        blocks, last, nnz, sum_lg, sum_dl, sum_ll = [], -1, 0, 0, 0, 0
+        for i in range(0, sym_np.size, 1 << 18):
+            part = sym_np[i:i + (1 << 18)]
+            nz = np.flatnonzero(part != s)
+            if not nz.size:
+                continue
+            nnz += nz.size
+            if 3 * nnz >= dense:  # each nonzero costs >= 3 bits: sparse cannot win
+                return None
+            nz += i
+            gaps = np.diff(nz, prepend=last)
+            last = int(nz[-1])
+            signed = part[nz - i].astype(np.int64) - s
+            levels = np.abs(signed)
+            lg, ll = fc.floor_log2(gaps), fc.floor_log2(levels)
+            sum_lg += int(lg.sum())
+            sum_dl += int(fc._LOG2_LUT[lg + 1].sum())
+            sum_ll += int(ll.sum())
+            blocks.append((gaps, levels, signed < 0, lg, ll))
+        g_bits = 2 * sum_lg + nnz
+        d_bits = sum_lg + 2 * sum_dl + nnz
         use_delta = d_bits < g_bits
-        cost = (1 + fc.gamma_bits(np.array([nz.size + 1])) + min(g_bits, d_bits) + nz.size
-                + fc.gamma_bits(levels, Ll))
+        cost = (1 + fc.gamma_bits(np.array([nnz + 1])) + min(g_bits, d_bits) + nnz
+                + 2 * sum_ll + nnz)
         if cost >= dense:
             return None
         # Layout (same bit count as per-element Elias words): one unary stream holding, per
         # nonzero, the gap's length prefix then the level's; for delta the (Lg+1) low bits;
         # then per nonzero one field [gap low bits | level low bits | sign].
-        head_v, head_w = fc.gamma_fields(np.array([nz.size + 1]))
-        neg = signed < 0
-        step = 1 << 16
+        head_v, head_w = fc.gamma_fields(np.array([nnz + 1]))
 
         def chunks():
             yield (np.concatenate([[int(use_delta)], *head_v]),
                    np.concatenate([[1], *head_w]))
-            for i in range(0, nz.size, step):
-                lg, ll = Lg[i:i + step], Ll[i:i + step]
+            for _, _, _, lg, ll in blocks:
                 pre = fc.floor_log2(lg + 1) if use_delta else lg
                 yield (1 << (ll + 1)) | 1, pre + ll + 2
             if use_delta:
-                for i in range(0, nz.size, step):
-                    lg1 = Lg[i:i + step] + 1
-                    pre = fc.floor_log2(lg1)
-                    yield lg1 & ((1 << pre) - 1), pre
-            for i in range(0, nz.size, step):
-                lg, ll = Lg[i:i + step], Ll[i:i + step]
-                low_g = gaps[i:i + step] & ((1 << lg) - 1)
-                low_l = levels[i:i + step] & ((1 << ll) - 1)
-                yield ((low_g << ll | low_l) << 1) | neg[i:i + step], lg + ll + 1
+                for _, _, _, lg, _ in blocks:
+                    pre = fc.floor_log2(lg + 1)
+                    yield (lg + 1) & ((1 << pre) - 1), pre
+            for gaps, levels, neg, lg, ll in blocks:
+                low = (gaps & ((1 << lg) - 1)) << ll | (levels & ((1 << ll) - 1))
+                yield (low << 1) | neg, lg + ll + 1
 
-        packed = fc.pack_chunks(chunks(), cost)
         w = self._start(SPARSE, scale)
-        w.write_bytes(packed)
+        w.write_bytes(fc.pack_chunks(chunks(), cost))
         return w.getvalue()
 
     def _decode_sparse(self, body: bytes, pos: int, numel: int, inv: torch.Tensor,
@@ -255,28 +263,34 @@ class QSGD(UniformQuantizer):
         nnz = int(nnz) - 1
         if nnz > numel:
             raise PayloadError(f"qsgd payload claims {nnz} nonzeros in {numel} elements")
-        prefix = fr.unary(2 * nnz, "length prefixes").reshape(-1, 2)
-        Lg, Ll = prefix[:, 0], prefix[:, 1]
+        step = 1 << 16  # nonzeros per block: every temporary stays in cache
+        prefixes = []
+        for i in range(0, nnz, step):
+            pre = fr.unary(2 * min(step, nnz - i), "length prefixes")
+            lg, ll = pre[0::2].copy(), pre[1::2].copy()
+            if int(ll.max()) > 7 or int(lg.max()) > (6 if use_delta else 40):
+                raise PayloadError("qsgd payload has an over-long gap or level code")
+            prefixes.append((lg, ll))
         if use_delta:
-            if nnz and int(Lg.max()) > 6:
-                raise PayloadError("qsgd payload has an over-long delta prefix")
-            Lg = ((1 << Lg) | fr.fields(Lg, "delta prefixes").astype(np.int64)) - 1
-        if nnz and (int(Lg.max()) > 40 or int(Ll.max()) > 7):
-            raise PayloadError("qsgd payload has an over-long gap or level code")
+            for k, (lg, ll) in enumerate(prefixes):
+                lg = ((1 << lg) | fr.fields(lg, "delta prefixes").astype(np.int64)) - 1
+                if int(lg.max()) > 40:
+                    raise PayloadError("qsgd payload has an over-long gap code")
+                prefixes[k] = (lg, ll)
         b = self._bucket_len(numel)
+        shift = b.bit_length() - 1 if b & (b - 1) == 0 else -1  # bucket index by a shift
         inv_np = inv.cpu().numpy()
         out = np.zeros(numel, dtype=np.float32)
         start = 0  # position of the next nonzero's gap origin
-        for i in range(0, nnz, 1 << 16):  # blocks keep every temporary in cache
-            lg, ll = Lg[i:i + (1 << 16)], Ll[i:i + (1 << 16)]
+        for lg, ll in prefixes:
             f = fr.fields(lg + ll + 1, "gaps, levels and signs").astype(np.int64)
             levels = (1 << ll) | ((f >> 1) & ((1 << ll) - 1))
             idx = np.cumsum((1 << lg) | (f >> (ll + 1))) + (start - 1)
             if int(idx[-1]) >= numel or int(levels.max()) > self.s:
                 raise PayloadError("qsgd payload has a position or level out of range")
             start = int(idx[-1]) + 1
-            levels[(f & 1).astype(bool)] *= -1
-            out[idx] = levels.astype(np.float32) * inv_np[idx // b]
+            signed = (levels * (1 - 2 * (f & 1))).astype(np.float32)
+            out[idx] = signed * inv_np[idx >> shift if shift >= 0 else idx // b]
         fr.expect_end("qsgd payload body")
         return torch.from_numpy(out).to(device)
 
