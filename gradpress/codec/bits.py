@@ -74,11 +74,13 @@ def pack_uint8(values: np.ndarray, width: int) -> np.ndarray:
         return out
     if n % 8:
         v = np.concatenate([v, np.zeros(8 - n % 8, dtype=np.uint8)])
-    g = v.reshape(-1, 8)
-    word = g[:, 0].astype(np.uint64) << (7 * width)
-    for i in range(1, 8):
-        word |= g[:, i].astype(np.uint64) << ((7 - i) * width)
-    out = word.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width:]
+    # SWAR: the 8 bytes of a group as one little-endian word, merged pairwise in 3 steps
+    # (bytes -> 2w-bit, -> 4w-bit, -> 8w-bit fields), then its low w bytes big-endian.
+    x = v.view("<u8")
+    p = ((x & 0x00FF00FF00FF00FF) << width) | ((x >> 8) & 0x00FF00FF00FF00FF)
+    q = ((p & 0x0000FFFF0000FFFF) << (2 * width)) | ((p >> 16) & 0x0000FFFF0000FFFF)
+    o = ((q & 0xFFFFFFFF) << (4 * width)) | (q >> 32)
+    out = o.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width:]
     return out.reshape(-1)[:(n * width + 7) // 8]
 
 
@@ -108,12 +110,15 @@ def unpack_uint8(data: np.ndarray, n: int, width: int) -> np.ndarray:
     body = np.zeros(groups * width, dtype=np.uint8)
     body[:nbytes] = d
     padded[:, 8 - width:] = body.reshape(groups, width)
-    word = padded.view(">u8").reshape(-1).astype(np.uint64)
-    mask64 = (1 << width) - 1
-    out = np.empty((groups, 8), dtype=np.uint8)
-    for i in range(8):
-        out[:, i] = (word >> ((7 - i) * width)) & mask64
-    return out.reshape(-1)[:n]
+    # Inverse of pack_uint8's SWAR merge: split 8w-bit words into bytes in 3 steps.
+    o = padded.view(">u8").reshape(-1).astype("<u8")
+    m4, m2, m1 = (1 << 4 * width) - 1, (1 << 2 * width) - 1, (1 << width) - 1
+    q = (o >> (4 * width)) | ((o & m4) << 32)
+    m2 = m2 | (m2 << 32)
+    p = ((q >> (2 * width)) & m2) | ((q & m2) << 16)
+    m1 = m1 * 0x0001000100010001
+    x = ((p >> width) & m1) | ((p & m1) << 8)
+    return x.view(np.uint8)[:n]
 
 
 def width_for(max_value: int) -> int:
