@@ -327,3 +327,17 @@ def test_powersgd_never_increases_the_error_beyond_the_norm():
     for seed in range(5):
         m = _gauss(600, seed).view(20, 30)
         assert float((_rt(c, m, seed) - m).norm()) <= float(m.norm()) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("n,b", [(10, 3), (1 << 18, 512), (300_000, 200_000), (5, 5), (7, 100)])
+def test_row_blocks_cover_every_element_once_with_its_bucket(device, n, b):
+    b = min(b, n)
+    seen = np.zeros(n, dtype=np.int64)
+    for start, bucket, rows, width in fc._row_blocks(n, b, torch.device(device)):
+        span = np.arange(start, start + rows * width)
+        seen[span] += 1
+        if rows > 1:
+            assert width == b and start == bucket * b
+        assert bucket == start // b and (start + rows * width - 1) // b == bucket + rows - 1
+    assert (seen == 1).all()
