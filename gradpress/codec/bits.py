@@ -67,6 +67,10 @@ def pack_uint8(values: np.ndarray, width: int) -> np.ndarray:
             return v
         if width == 1:
             return np.packbits(v)
+        if width == 2:  # four values per little-endian uint32, shifted into one byte
+            x = v.view("<u4")
+            return (((x & 3) << 6) | ((x >> 4) & 0x30) | ((x >> 14) & 0xC) | (x >> 24)
+                    ).astype(np.uint8)
         g = v.reshape(-1, per)
         out = g[:, 0] << (8 - width)
         for i in range(1, per):
