@@ -147,3 +147,19 @@ def test_bound_curves_are_ordered():
     c = B.bound_curves(1000, [0.01, 0.1, 0.5])
     assert c["worst_case"] == sorted(c["worst_case"], reverse=True)
     assert all(a <= w + 1e-9 for a, w in zip(c["average_case"], c["worst_case"]))
+
+
+def test_bounds_command_writes_plot_json_and_table(tmp_path):
+    import json
+
+    from gradpress.cli import main
+
+    out = tmp_path / "b"
+    assert main(["bounds", "--dims", "64", "--samples", "1", "--no-real", "--no-sweep",
+                 "--compressors", "sparse_dithering,spherical,fp32", "--out", str(out)]) == 0
+    rows = json.loads((out / "bounds.json").read_text())["rows"]
+    assert {r["compressor"] for r in rows} == {"sparse_dithering", "spherical", "fp32"}
+    sd = next(r for r in rows if r["compressor"] == "sparse_dithering")
+    assert sd["over_worst"] > 0 and sd["distortion"] <= 0.1 + 1e-6
+    assert (out / "bounds.png").stat().st_size > 10_000
+    assert "| 64 | gaussian | sparse_dithering |" in (out / "bounds.md").read_text()

@@ -14,12 +14,13 @@ the real bytes, and measures:
                 unbiased ones, i.e. the distortion of C/(omega+1), the scaled operator in
                 B(1/(omega+1)) that the paper places on the same axis
 
-The plot (bounds.png), one panel per d: x = distortion 1 - alpha (log), y = bits per
-coordinate (log). Solid curve: the worst-case lower bound -log2 P(alpha, d) / d (spherical-cap
-covering; no compressor without shared randomness can sit below it). Dashed curve: the
+The plot (bounds.png), one column per d: x = distortion 1 - alpha (log), y = bits per
+coordinate (top row log, full range; bottom row linear, zoom on distortion 0.01..1).
+Solid curve: the worst-case lower bound -log2 P(alpha, d) / d (spherical-cap covering; no
+compressor without shared randomness can sit below it on every x). Dashed curve: the
 average-case lower bound for x uniform on the sphere (shared-randomness schemes such as
-Spherical Compression are measured against it). Points: compressors; filled circles on
-Gaussian vectors, hollow on real gradients; the bottom row zooms on distortion 0.01..1.
+Spherical Compression are measured against it). Points: compressors (colour = family, shape =
+setting), filled on Gaussian vectors, hollow on real gradients.
 The worst-case bound holds for the worst x: structured vectors (real gradients are
 heavy-tailed) can sit below it, Gaussian ones cannot by much. The height of a point above
 the solid curve is its "over worst" column in the table (bits/coordinate wasted vs the optimum
@@ -179,17 +180,24 @@ def _f(v: Any, nd: int = 3) -> str:
 def markdown(rows: list[dict[str, Any]], dims: list[int], header: str) -> str:
     ok = [r for r in rows if "skipped" not in r]
     lines = [header, ""]
-    lines += ["**Closest to the worst-case bound** (Gaussian vectors; paper: Sparse Dithering "
-              "with nu=1/10 at 1.69 bits/coord over it; goal: <= 1.0):", "",
-              "| d | best compressor | bits/coord | distortion | over worst bound |",
-              "|---|---|---|---|---|"]
+    lines += ["**Closest to the worst-case bound** on Gaussian vectors. The paper's Sparse "
+              "Dithering (nu = 1/10) sits 1.69 bits/coord over it; the goal is <= 1.0 at the "
+              "same distortion. Near distortion 1 every cheap compressor is close to a bound "
+              "near 0, so the comparison is made at the paper's operating point (distortion "
+              "0.05-0.15) and over the useful range (distortion <= 0.5).", "",
+              "| d | regime | best compressor | bits/coord | distortion | over worst bound |",
+              "|---|---|---|---|---|---|"]
     for d in dims:
         cand = [r for r in ok if r["d"] == d and r["vectors"] == "gaussian"
                 and math.isfinite(r["over_worst"])]
-        if cand:
-            b = min(cand, key=lambda r: r["over_worst"])
-            lines.append(f"| {d} | {b['compressor']} | {_f(b['bits_per_coord'])} | "
-                         f"{_f(b['distortion'])} | {_f(b['over_worst'])} |")
+        for regime, lo, hi in (("distortion 0.05-0.15", 0.05, 0.15),
+                               ("distortion <= 0.5", 0.0, 0.5)):
+            sel = [r for r in cand if lo <= r["distortion"] <= hi]
+            if sel:
+                b = min(sel, key=lambda r: r["over_worst"])
+                lines.append(f"| {d} | {regime} | {b['compressor']} | "
+                             f"{_f(b['bits_per_coord'])} | {_f(b['distortion'])} | "
+                             f"{_f(b['over_worst'])} |")
     lines += ["", "| d | vectors | compressor | bits/coord | payload bits/coord | distortion | "
               "worst bound | over worst | over average |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(ok, key=lambda r: (r["d"], r["vectors"] != "gaussian",

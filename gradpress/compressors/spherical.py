@@ -26,9 +26,10 @@ the declared ``alpha`` (in expectation over the shared seed). Blocks with ``||x_
 **Bits.** ``32`` (int32 offset of the gain grid) + the gain symbols range-coded with their own
 histogram (``codec.entropy``; zero blocks are symbol 0) + ``b`` bits (``b - 1`` index and one
 sign) per non-zero block + padding; the seed (64 bits) travels in the header. ``body_bits``
-uses ``GAIN_BITS = 2.0`` bits per block for the gains (measured 1.6-2.0 on Gaussian data at
+uses ``GAIN_BITS = 1.5`` bits per block for the gains (measured 1.3-1.5 on Gaussian data at
 ``s = 1/2``). Against the bound: the ``b`` index bits per block sit within a bit of
-``b_avg(alpha_rand, n)`` (tests), the gains add about ``2/n`` bits per coordinate.
+``b_avg(alpha_rand, n)`` (tests), the gains add about ``1.5/n`` bits per coordinate.
+Defaults: ``block_size=16, bits=10`` (``2^9 x 16`` code book: 32 multiply-adds per coordinate).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from gradpress.errors import PayloadError
 #: Range of block gains kept (below ``2^-DYNAMIC_RANGE`` of the largest: zero).
 DYNAMIC_RANGE = 40
 #: Expected range-coded bits per block gain (formula for ``body_bits``).
-GAIN_BITS = 2.0
+GAIN_BITS = 1.5
 #: Blocks scored per matmul (bounds the ``blocks x 2^(b-1)`` score matrix).
 _CHUNK = 4096
 
