@@ -50,15 +50,10 @@ def bucket_reduce(flat: torch.Tensor, bucket_size: int | None, norm: str) -> tor
                   else None):
         if block is None or not block.numel():
             continue
-        if norm == "l2":
-            parts.append(torch.linalg.vector_norm(block, dim=1))
-        elif norm == "linf":
-            # amax and amin apart: 2x faster than aminmax(dim=1) on CPU
-            parts.append(torch.maximum(torch.amax(block, 1), -torch.amin(block, 1)))
-        elif norm == "mean_abs":
+        if norm == "mean_abs":
             parts.append(torch.linalg.vector_norm(block, ord=1, dim=1) / block.shape[1])
         else:
-            raise ValueError(f"unknown norm {norm!r}")
+            parts.append(_row_norm(block, norm))
     return torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
 
 
@@ -101,11 +96,30 @@ def _row_blocks(n: int, b: int, device: torch.device):
             yield i, j, 1, min(CHUNK, end - i)
 
 
-def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor, c: float,
-                    levels: int, gen: torch.Generator) -> torch.Tensor:
-    """``uint8`` symbols ``floor(a_j x_i + c + r_i)`` clipped to ``[0, levels-1]``."""
+def _row_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "l2":
+        return torch.linalg.vector_norm(x, dim=1)
+    if norm == "linf":  # amax and amin apart: 2x faster than aminmax(dim=1) on CPU
+        return torch.maximum(torch.amax(x, 1), -torch.amin(x, 1))
+    raise ValueError(f"unknown norm {norm!r}")
+
+
+def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain: float,
+                    c: float, levels: int, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket scale ``M_j`` (``norm`` of the bucket) and ``uint8`` symbols of
+    ``floor(a_j x_i + c + r_i)`` with ``a_j = gain / M_j`` (0 for an all-zero bucket),
+    clipped to ``[0, levels-1]``. On CPU with buckets no longer than a chunk, the scales
+    are computed inside the chunk loop, so ``x`` is read from memory once."""
     n = flat.numel()
     b = min(bucket_size or n, n)
+    fused = flat.device.type == "cpu" and b <= CHUNK
+    if fused:
+        scale = torch.empty(n_buckets(n, b), device=flat.device)
+    else:
+        scale = bucket_reduce(flat, b, norm)
+        check_scales(scale)
+    a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale)) if not fused else None
     out = torch.empty(n, dtype=torch.uint8, device=flat.device)
     m = min(n, CHUNK) if flat.device.type == "cpu" else n
     ubuf = torch.empty(m, device=flat.device)
@@ -113,9 +127,16 @@ def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor
     rbuf = torch.empty(m, device=flat.device)
     for s0, j, rows, w in _row_blocks(n, b, flat.device):
         k = rows * w
+        x = flat[s0:s0 + k].view(rows, w)
+        if fused:
+            sc = scale[j:j + rows]
+            sc.copy_(_row_norm(x, norm))
+            aj = torch.where(sc > 0, gain / sc, torch.zeros_like(sc))
+        else:
+            aj = a[j:j + rows]
         u = ubuf[:k].view(rows, w)
         fl = fbuf[:k].view(rows, w)
-        torch.mul(flat[s0:s0 + k].view(rows, w), a[j:j + rows, None], out=u)
+        torch.mul(x, aj[:, None], out=u)
         u.add_(c)
         torch.floor(u, out=fl)
         u.sub_(fl)  # exact fractional part: a point on the grid is never moved
@@ -125,7 +146,9 @@ def affine_quantize(flat: torch.Tensor, bucket_size: int | None, a: torch.Tensor
         # exact); float ops only, 10x cheaper than a bool comparison on CPU.
         fl.add_(u.sub_(rb).ceil_()).clamp_(0.0, levels - 1)
         out[s0:s0 + k].copy_(fl.view(-1))
-    return out
+    if fused:
+        check_scales(scale)
+    return scale, out
 
 
 def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.Tensor,

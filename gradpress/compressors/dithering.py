@@ -92,11 +92,8 @@ class UniformQuantizer(Compressor):
 
     def _quantize(self, flat: torch.Tensor, gen: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = fc.bucket_reduce(flat, self.bucket_size, self.norm)
-        fc.check_scales(scale)
-        a = torch.where(scale > 0, self.gain / scale, torch.zeros_like(scale))
-        sym = fc.affine_quantize(flat, self.bucket_size, a, self.offset, self.levels, gen)
-        return scale, sym
+        return fc.scaled_quantize(flat, self.bucket_size, self.norm, self.gain, self.offset,
+                                  self.levels, gen)
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         scale, sym = self._quantize(flat, gen)
