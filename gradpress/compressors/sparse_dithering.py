@@ -239,8 +239,7 @@ def _budget_round(u: torch.Tensor, budget: float) -> torch.Tensor | None:
     k[up[idx > j]] += 1
     inbin = torch.nonzero(idx == j).reshape(-1)
     gs, order = torch.sort(g[inbin], descending=True)
-    m = int(torch.searchsorted(torch.cumsum(gs, 0), torch.tensor([need - above],
-                                                                  dtype=gs.dtype)))
+    m = int((torch.cumsum(gs, 0) < need - above).sum())  # first index reaching the need
     k[up[inbin[order[:m + 1]]]] += 1
     return k
 
