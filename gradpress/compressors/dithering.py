@@ -132,8 +132,12 @@ class UniformQuantizer(Compressor):
             sym_np = r.read_uint8(numel, self.width)
             r.expect_end()
         elif mode == ENTROPY:
-            sym_np = read_categorical(r, numel).astype(np.uint8)
+            coded = read_categorical(r, numel)
             r.expect_end()
+            if coded.size and int(coded.max()) >= self.levels:
+                raise PayloadError(f"{self.name} payload holds a symbol outside "
+                                   f"0..{self.levels - 1}")
+            sym_np = coded.astype(np.uint8)
         elif mode == SPARSE:
             return self._decode_sparse(body, r.pos, numel, inv.to(device), device)
         else:
