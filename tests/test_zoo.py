@@ -341,3 +341,28 @@ def test_row_blocks_cover_every_element_once_with_its_bucket(device, n, b):
             assert width == b and start == bucket * b
         assert bucket == start // b and (start + rows * width - 1) // b == bucket + rows - 1
     assert (seen == 1).all()
+
+
+VARIANTS = [("qsgd", {"entropy": True, "sparse": False}), ("qsgd", {"s": 1, "bucket_size": None}),
+            ("ecq", {"entropy": True}), ("natural", {"exponent_range": True}),
+            ("topk", {"ratio": 0.3, "values": "fp16"}), ("randk", {"values": "fp16"})]
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_non_default_variants_reject_or_survive_corrupt_bodies(name, kw, data):
+    c = gradpress.get(name, **kw)
+    p = c.encode(_gauss(300, 5), seed=4)
+    body = bytearray(p.body)
+    if data.draw(st.booleans()):
+        body = body[:data.draw(st.integers(0, len(body)))]
+    else:
+        for _ in range(data.draw(st.integers(1, 3))):
+            i = data.draw(st.integers(0, 8 * len(body) - 1))
+            body[i // 8] ^= 1 << (i % 8)
+    try:
+        y = c.decode(Payload(p.compressor_id, p.dtype, p.shape, bytes(body), p.seed))
+    except PayloadError:
+        return
+    assert y.shape == (300,) and bool(torch.isfinite(y).all())
