@@ -114,10 +114,13 @@ def run(args: argparse.Namespace) -> int:
         if name not in gradpress.available():
             skipped.append(name)
             continue
-        profiles.append(nm.calibrate(gradpress.get(name, **kwargs), args.chunk, seed=args.seed,
-                                     device=device, label=label))
+        try:
+            profiles.append(nm.calibrate(gradpress.get(name, **kwargs), args.chunk,
+                                         seed=args.seed, device=device, label=label))
+        except (ValueError, TypeError, RuntimeError) as exc:  # bad options or a codec bug
+            skipped.append(f"{label} ({type(exc).__name__}: {exc})")
     if skipped:
-        print(f"note: not registered (skipped): {', '.join(skipped)}")
+        print(f"note: skipped (not registered, or failed): {'; '.join(skipped)}")
     for prof in profiles:
         print(f"  {prof.display_name:18s} {prof.bits_per_element:7.3f} bits/elem  "
               f"encode {prof.encode_s * 1e3:8.2f} ms  decode {prof.decode_s * 1e3:8.2f} ms "
