@@ -125,6 +125,7 @@ def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain
     ubuf = torch.empty(m, device=flat.device)
     fbuf = torch.empty(m, device=flat.device)
     rbuf = torch.empty(m, device=flat.device)
+    ibuf = torch.empty(m, dtype=torch.int32, device=flat.device)
     for s0, j, rows, w in _row_blocks(n, b, flat.device):
         k = rows * w
         x = flat[s0:s0 + k].view(rows, w)
@@ -140,8 +141,10 @@ def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain
         u.add_(c)
         torch.floor(u, out=fl)
         u.sub_(fl)  # exact fractional part: a point on the grid is never moved
+        # r = (31 random bits) * 2^-31: random_ on int32 is ~1.6x faster than uniform_ on
+        # CPU; rounding to float keeps r's CDF within 2^-25 of uniform on [0, 1].
         rb = rbuf[:k].view(rows, w)
-        rb.uniform_(generator=gen)
+        rb.copy_(ibuf[:k].random_(generator=gen).view(rows, w)).mul_(2.0**-31)
         # ceil(frac - r) is 1 exactly when r < frac (the sign of a float difference is
         # exact); float ops only, 10x cheaper than a bool comparison on CPU.
         fl.add_(u.sub_(rb).ceil_()).clamp_(0.0, levels - 1)
