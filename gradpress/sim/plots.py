@@ -19,10 +19,16 @@ def _plt():
     return plt
 
 
-def _style(label: str) -> dict[str, Any]:
+def _style(label: str, colors: dict[str, Any]) -> dict[str, Any]:
+    """Full precision in black; a method and its error-compensated twin (``QSGD s=4`` and
+    ``ECQ-SGD s=4``, ``topk`` and ``topk+ef``) share a colour, solid with feedback."""
     if label.startswith("32Bit") or label == "fp32":
         return {"color": "black", "lw": 2.0}
-    return {"ls": "-" if label.startswith("ECQ") or "+ef" in label else "--"}
+    fed = label.startswith("ECQ") or "+" in label
+    key = label.split("+")[0].replace("ECQ-SGD", "").replace("QSGD", "").strip() or label
+    if key not in colors:
+        colors[key] = f"C{len(colors) % 10}"
+    return {"ls": "-" if fed else "--", "color": colors[key]}
 
 
 def linear_figure(ds: dict[str, Any], path: Path) -> None:
@@ -30,8 +36,9 @@ def linear_figure(ds: dict[str, Any], path: Path) -> None:
     bits sent per worker."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors: dict[str, Any] = {}
     for c in ds["curves"]:
-        kw = _style(c["label"])
+        kw = _style(c["label"], colors)
         lab = c["label"] + (" (diverged)" if c["diverged"] else "")
         axes[0].plot(c["iters"], c["loss"], label=lab, **kw)
         axes[1].plot(c["iters"], c["dist"], **kw)
@@ -101,8 +108,9 @@ def real_figure(ds: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     f_star = ds["f_star"]
+    colors: dict[str, Any] = {}
     for c in ds["curves"]:
-        kw = _style(c["label"])
+        kw = _style(c["label"], colors)
         gap = np.maximum(np.asarray(c["loss"]) - f_star, 1e-16)
         lab = c["label"] + (" (diverged)" if c["diverged"] else "")
         axes[0].plot(np.maximum(c["bits_per_worker"], 1.0), gap, label=lab, **kw)
