@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--servers", type=int, default=1, help="parameter-server shards")
     p.add_argument("--chunk", type=int, default=1 << 20,
                    help="elements of the calibration vector (rates scale per element)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timings per calibration; the best is kept (robust to a busy machine)")
     p.add_argument("--flops", type=float, default=None,
                    help="override the measured FLOP/s (e.g. 4e14 for an H100 in bf16)")
     p.add_argument("--breakdown-workers", type=int, default=64,
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     bandwidths = [float(b) * nm.GBIT for b in args.bandwidths.split(",") if b.strip()]
 
     print(f"calibrating compute (MLP forward+backward+step) on {device} ...")
-    compute = nm.calibrate_compute(seed=args.seed, device=device)
+    compute = nm.calibrate_compute(seed=args.seed, device=device,
+                                   steps=max(10, 2 * args.repeats))
     measured_flops = compute.flops_per_s
     if args.flops:
         compute = nm.ComputeProfile(args.flops, compute.step_s, compute.params, compute.batch,
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             profiles.append(nm.calibrate(gradpress.get(name, **kwargs), args.chunk,
-                                         seed=args.seed, device=device, label=label))
+                                         repeats=args.repeats, seed=args.seed, device=device,
+                                         label=label))
         except (ValueError, TypeError, RuntimeError) as exc:  # bad options or a codec bug
             skipped.append(f"{label} ({type(exc).__name__}: {exc})")
     if skipped:
