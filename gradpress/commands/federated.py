@@ -5,7 +5,7 @@ Splits digits non-iid over --clients clients (Dirichlet(--alpha) label shares), 
 its model update as a gradpress payload (CRC32 on) that the server strategy decodes; the
 uplink is counted from the real payload bytes. Runs once per compressor (unregistered
 names are skipped with a note) and writes federated.png (test accuracy vs cumulative uplink
-bytes, and vs round) and federated.json under --out.
+bytes, and vs round), federated.md (the table) and federated.json under --out.
 
 --engine local runs the same algorithm in an in-repo loop without Flower (the fallback
 when flwr is not installed; --engine auto picks it then and says so).
@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
            "engine": engine, "args": {k: str(v) for k, v in vars(args).items() if k != "_run"},
            "skipped": skipped, "runs": runs, "table_markdown": table}
     (args.out / "federated.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}/federated.png and federated.json")
+    (args.out / "federated.md").write_text(table + "\n")
+    print(f"wrote {args.out}/federated.png, federated.md and federated.json")
     return 0
 
 

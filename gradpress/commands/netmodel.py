@@ -4,9 +4,13 @@ Calibrates on this machine (compute FLOP rate of an MLP step; each compressor's 
 decode time and its real payload size on a seeded Gaussian chunk), then predicts step time,
 throughput and speedup for ResNet-20, ResNet-50 and a 1B-parameter model on 1..1024 workers
 over 1, 10 and 100 Gbit/s links, for fp32 ring/tree all-reduce and each compressor over
-all-gather and a parameter server. Writes speedup.png, throughput.png, breakdown.png and
-netmodel.json under --out. With --measured, also compares predictions to measured step
-times (JSON records of benchmarks/slow_network.py) and writes validation.json/.md.
+all-gather and a parameter server. Writes speedup.png, throughput.png, breakdown.png,
+summary.md and netmodel.json under --out. With --measured (records, or
+benchmarks/slow_network.py's JSON, with --reference for a fast-link run of the same
+methods), also compares predicted to measured step times: validation.json/.md.
+
+The predictions use the CPU or GPU they are calibrated on: on a busy or slow CPU the codecs
+look slow next to a fast link, which is a finding about that machine, not the method.
 
 Example:
   gradpress netmodel --compressors fp16,qsgd --flops 4e14 --out results/netmodel
@@ -158,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "validation.json").write_text(json.dumps(val, indent=1))
         result["validation"] = val
     (args.out / "netmodel.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}/speedup.png, throughput.png, breakdown.png, netmodel.json")
+    (args.out / "summary.md").write_text(summary + "\n")
+    print(f"wrote {args.out}/speedup.png, throughput.png, breakdown.png, summary.md, "
+          "netmodel.json")
     return 0
 
 
