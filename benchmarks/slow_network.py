@@ -25,7 +25,10 @@ bytes are what rank 0 put into the collectives until then (payload = ``len(paylo
 adds frames and padding; for PyTorch's hooks the all-reduced tensor bytes). Ratios are to
 plain DDP measured in the same run. Namespaces are removed on exit, on error and on Ctrl-C.
 No delay is emulated: this machine's kernel has no ``netem`` (``--delay-ms`` tries it and
-says if it fails).
+says if it fails). ``--only ddp,ecq`` runs a subset (label substrings).
+
+On a 2-core machine the compressed runs are CPU-bound (encode, decode, feedback over the
+16 MB gradient on one thread per rank), not link-bound: ``s / step`` in the table shows it.
 
     sudo .venv/bin/python benchmarks/slow_network.py            # ~10 min
     sudo .venv/bin/python benchmarks/slow_network.py --quick    # ~3 min
@@ -107,20 +110,27 @@ class Netns:
 
 
 def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    import gradpress
-
     out = [("ddp", ["--compressor", "ddp"]),
            ("torch-fp16", ["--compressor", "torch-fp16"]),
            (f"torch-powersgd r={args.powersgd_rank} (1 bucket)",
             ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
              "--bucket-cap-mb", "1000"]),
            ("gradpress ecq 2 bits + ECQ", ["--compressor", "ecq", "--bits", "2"])]
-    if args.quick:
-        return out
+    if not args.quick:
+        out += _more(args)
+    if args.only:
+        out = [m for m in out if any(k in m[0] for k in args.only.split(","))]
+    return out
+
+
+def _more(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    import gradpress
+
+    out = []
     if args.powersgd_multibucket:
         out.append((f"torch-powersgd r={args.powersgd_rank} (4 MB buckets)",
                     ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
-                     "--bucket-cap-mb", "4"]))
+                     "--bucket-cap-mb", "4", "--pg-timeout", "60", "--max-time", "30"]))
     out += [("gradpress ecq 4 bits + ECQ", ["--compressor", "ecq", "--bits", "4"]),
             ("gradpress qsgd 3 bits (lengths first)",
              ["--compressor", "qsgd", "--bits", "3", "--unbounded"]),
@@ -137,6 +147,7 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
     common = ["--task", "digits-mlp4m", "--target-acc", str(args.target), "--eval-every",
               str(args.eval_every), "--max-time", str(args.max_time), "--epochs", "100",
               "--lr", str(args.lr), "--seed", str(args.seed), "--no-plot",
+              "--pg-timeout", "120", "--bucket-cap-mb", str(args.bucket_cap_mb),
               "--out", str(outdir / f"run-{port}"), "--json", str(js)]
     procs = []
     t0 = time.monotonic()
@@ -146,7 +157,9 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
         log = open(outdir / f"run-{port}-rank{rank}.log", "w")  # noqa: SIM115
         procs.append((subprocess.Popen(cmd, env=net.env(rank, port), stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True), log))
-    deadline = t0 + args.max_time * 1.5 + 120
+    max_time = float(extra[extra.index("--max-time") + 1]) if "--max-time" in extra \
+        else args.max_time
+    deadline = t0 + max_time * 1.5 + 60
     rcs = []
     try:
         for p, _ in procs:
@@ -161,6 +174,12 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
                 p.wait()
             log.close()
     wall = time.monotonic() - t0
+    if None in rcs:
+        log0 = (outdir / f"run-{port}-rank0.log").read_text()
+        steps = [ln.rsplit("|", 1)[-1].split("[")[0].strip() for ln in log0.split("\r")
+                 if "it/s" in ln or "s/it" in ln]
+        return {"label": label, "failed": True, "returncodes": rcs, "wall_s": wall,
+                "error": f"hung: killed after {wall:.0f} s, progress {steps[-1] if steps else '?'}"}
     if rcs != [0, 0] or not js.exists():
         tail = (outdir / f"run-{port}-rank0.log").read_text()[-600:]
         err = [ln for ln in tail.splitlines() if "Error" in ln or "error" in ln]
@@ -229,6 +248,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--powersgd-rank", type=int, default=2)
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                   help="DDP bucket size of every method but PowerSGD (one bucket)")
+    p.add_argument("--only", default="", help="comma-separated substrings of method labels")
     p.add_argument("--powersgd-multibucket", action="store_true",
                    help="also run PyTorch's PowerSGD with several buckets (may abort)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="netem delay (if available)")

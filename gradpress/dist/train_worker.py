@@ -27,6 +27,7 @@ stats). Rank 0 writes ``train.json`` and ``train.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import time
@@ -72,6 +73,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
+    p.add_argument("--pg-timeout", type=float, default=300.0,
+                   help="seconds a collective may wait for a peer before failing")
     p.add_argument("--out", type=Path, default=Path("results/train"))
     p.add_argument("--no-plot", action="store_true")
 
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     tasks = ["digits", "breast_cancer"] if args.task == "all" else [args.task]
     try:
