@@ -249,8 +249,27 @@ def _nan_on_rank1(rank: int, mode: str) -> dict:
             "skipped": [s.skipped for s in state.history]}
 
 
+def _fp16_overflow_on_rank1(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.dist import compression_hook
+
+    model = DDP(_model(), bucket_cap_mb=0.0004)
+    state = CompressionState(None, compressor="fp16", allreduce_fast_path=False)
+    model.register_comm_hook(state, compression_hook)
+    x = torch.randn(8, 20) * (1e7 if rank == 1 else 1.0)  # rank 1's gradient exceeds fp16
+    t0 = time.monotonic()
+    try:
+        model(x).sum().backward()
+    except Exception as e:
+        return {"caught": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - t0}
+    return {"caught": None}
+
+
 def _nan_both_modes(rank: int) -> dict:
-    return {mode: _nan_on_rank1(rank, mode) for mode in ("raise", "skip")}
+    out = {mode: _nan_on_rank1(rank, mode) for mode in ("raise", "skip")}
+    out["encode_error"] = _fp16_overflow_on_rank1(rank)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +289,13 @@ def test_nan_on_one_rank_is_skipped_consistently(nan_runs):
     assert a["caught"] is None and b["caught"] is None, (a, b)
     assert a["digest"] == b["digest"]
     assert a["skipped"][1] > 0 and a["skipped"][0] == 0
+
+
+def test_a_rank_whose_encoder_raises_fails_every_rank_at_once(nan_runs):
+    mine, peer = nan_runs[1]["encode_error"], nan_runs[0]["encode_error"]
+    assert mine["caught"] and "float16 range" in mine["caught"], mine
+    assert peer["caught"] and "PeerError" in peer["caught"] and "[1]" in peer["caught"], peer
+    assert peer["after_s"] < PG_TIMEOUT_S / 2
 
 
 def _gather_bytes(rank: int) -> dict:

@@ -35,6 +35,7 @@ from gradpress.errors import PeerError
 STATUS_OVERFLOW = 0xFFFFFFFF  # the payload did not fit the agreed capacity
 STATUS_NONFINITE = 0xFFFFFFFE  # the rank's gradient had NaN/Inf (the hook raises)
 STATUS_SKIP = 0xFFFFFFFD  # the rank skips this bucket (non-finite, on_nonfinite="skip")
+STATUS_ERROR = 0xFFFFFFFC  # the rank failed to compress (its own error says why)
 _FIRST_STATUS = 0xFFFFFFF0
 
 #: One gathered entry: the payload bytes, or an ``int`` status (``STATUS_*``).

@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from gradpress.compressors import Compressor, get
 from gradpress.dist.allgather import (
+    STATUS_ERROR,
     STATUS_NONFINITE,
     STATUS_OVERFLOW,
     STATUS_SKIP,
@@ -299,6 +300,7 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     seed = _mix_seed(state.seed, step.step, index, rank)
     mine: bytes | int
     sent: torch.Tensor | None = None
+    local_error: Exception | None = None
     try:
         grad = buffer.detach()  # not written before finish(): no copy needed
         v = fb.to_send(key, grad)
@@ -308,6 +310,8 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
         fb.commit(key, grad, sent)
     except NonFiniteGradientError:
         mine = STATUS_SKIP if state.on_nonfinite == "skip" else STATUS_NONFINITE
+    except Exception as e:  # noqa: BLE001 - still take part, so peers fail too, not hang
+        mine, local_error = STATUS_ERROR, e
     bound = payload_bound(comp, buffer.numel()) if state.bounded in (True, "auto") else None
     if state.bounded is True and bound is None:
         raise ValueError(f"compressor {comp.name!r} declares no payload bound; use "
@@ -322,6 +326,8 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         entries: list[Entry] = fut.value()
+        if local_error is not None:
+            raise local_error
         step.gathered_payload_bytes += sum(len(e) for e in entries if isinstance(e, bytes))
         mean = _average(comp, entries, rank, sent, buffer, it, index)
         if any(e == STATUS_SKIP for e in entries):
@@ -336,6 +342,10 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
              buffer: torch.Tensor, it: int, index: int) -> torch.Tensor:
     """Mean of the decoded payloads in rank order (own payload: the ``sent`` already decoded
     from the same bytes); raises the same error on every rank for a bad peer."""
+    failed = [r for r, e in enumerate(entries) if e == STATUS_ERROR]
+    if failed:
+        raise PeerError(f"step {it}, bucket {index}: rank(s) {failed} failed to compress their "
+                        "gradient (their own logs say why); this rank stops with them")
     bad = {r: e for r, e in enumerate(entries) if e in (STATUS_NONFINITE, STATUS_OVERFLOW)}
     if any(e == STATUS_NONFINITE for e in bad.values()):
         ranks = sorted(r for r, e in bad.items() if e == STATUS_NONFINITE)
