@@ -7,8 +7,8 @@ from gradpress.compressors import (
     natural,  # noqa: F401  (registers)
     sign,  # noqa: F401  (registers)
     sparse_dithering,  # noqa: F401  (registers)
-    spherical,  # noqa: F401  (registers)
     sparsify,  # noqa: F401  (registers)
+    spherical,  # noqa: F401  (registers)
 )
 from gradpress.compressors.base import Compressor, check_gradient, generator_for
 from gradpress.compressors.registry import available, class_for_id, get, register
