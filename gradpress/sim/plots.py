@@ -21,14 +21,16 @@ def _plt():
 
 def _style(label: str, colors: dict[str, Any]) -> dict[str, Any]:
     """Full precision in black; a method and its error-compensated twin (``QSGD s=4`` and
-    ``ECQ-SGD s=4``, ``topk`` and ``topk+ef``) share a colour, solid with feedback."""
+    ``ECQ-SGD s=4``, ``topk`` and ``topk+ef``) share a colour: dashed without feedback,
+    solid with ECQ/EF, dash-dot with EF21."""
     if label.startswith("32Bit") or label == "fp32":
         return {"color": "black", "lw": 2.0}
     fed = label.startswith("ECQ") or "+" in label
     key = label.split("+")[0].replace("ECQ-SGD", "").replace("QSGD", "").strip() or label
     if key not in colors:
         colors[key] = f"C{len(colors) % 10}"
-    return {"ls": "-" if fed else "--", "color": colors[key]}
+    return {"ls": "-." if label.endswith("ef21") else "-" if fed else "--",
+            "color": colors[key]}
 
 
 def linear_figure(ds: dict[str, Any], path: Path) -> None:
