@@ -184,6 +184,8 @@ class NaturalDithering(UniformQuantizer):
         for s0, j, rows, w in fc._row_blocks(numel, self._bucket_len(numel), device):
             k = out[s0:s0 + rows * w].view(rows, w)
             k.copy_(sym_t[s0:s0 + rows * w].view(rows, w)).sub_(self.s)  # signed level
-            mag = torch.exp2(k.abs() - self.s).mul_(k != 0).mul_(scale[j:j + rows, None])
+            # 2^(|k|-s) built from its exponent bits (torch.exp2 forks threads per call)
+            e = (k.abs() + (127 - self.s)).to(torch.int32).bitwise_left_shift_(23)
+            mag = e.view(torch.float32).mul_(k != 0).mul_(scale[j:j + rows, None])
             k.copy_(mag.copysign_(k))
         return out

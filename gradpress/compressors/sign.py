@@ -34,7 +34,7 @@ from gradpress.compressors.base import Compressor
 from gradpress.compressors.dithering import UniformQuantizer, _check_bucket
 from gradpress.compressors.registry import register
 
-_PACK_CHUNK = 1 << 18  # elements per chunk when packing sign bits (a multiple of 8)
+_PACK_CHUNK = fc.CHUNK // 8 * 8  # elements per chunk when packing sign bits (a multiple of 8)
 
 
 @register
