@@ -145,3 +145,10 @@ def test_measured_bits_match_expected_bits(name, d):
         assert 0 <= measured - expected < 8, (measured, expected)
     else:
         assert abs(measured - expected) <= c.bits_rtol * expected, (measured, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_tensor_whose_norm_overflows_fp16_decodes_finite(name):
+    x = torch.full((4096,), 60000.0, dtype=torch.float16)  # ||x|| ~ 3.8e6 > 65504
+    y = _round_trip(gradpress.get(name), x, seed=0)
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())

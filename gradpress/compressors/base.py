@@ -51,6 +51,19 @@ def check_gradient(x: torch.Tensor, what: str = "gradient") -> torch.Tensor:
     return flat.float()
 
 
+def _finite_in(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reject non-finite decoded values (corrupt bytes) and saturate values beyond the range
+    of a narrow output dtype (e.g. a QSGD level equal to a fp16 tensor's norm > 65504), so
+    a decoder never hands the caller NaN or Inf."""
+    lo, hi = torch.aminmax(flat)
+    if not bool(torch.isfinite(torch.stack([lo, hi])).all()):
+        raise PayloadError("payload decodes to non-finite values: corrupted bytes")
+    big = torch.finfo(dtype).max
+    if float(hi) > big or float(lo) < -big:
+        return flat.clamp(-big, big)
+    return flat
+
+
 def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator seeded with ``seed`` on ``device`` (the per-call randomness)."""
     g = torch.Generator(device=device)
@@ -109,6 +122,7 @@ class Compressor(ABC):
             flat = self._decode(payload.body, n, payload.seed or 0, torch.device(device))
             if flat.shape != (n,):
                 raise PayloadError(f"decoded {tuple(flat.shape)} values, header declares {n}")
+            flat = _finite_in(flat, payload.dtype)
         return flat.reshape(payload.shape).to(payload.dtype)
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
