@@ -224,6 +224,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in rows if not r["failed"] and r["reached"]]
     fig, ax = plt.subplots(1, 2, figsize=(12, 0.5 * len(ok) + 2))
@@ -231,6 +232,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax[0].set(xlabel="training time to target accuracy (s)")
     ax[1].barh([r["label"] for r in ok], [r["payload_bytes"] / 1e6 for r in ok])
     ax[1].set(xlabel="MB sent by rank 0 until target", xscale="log")
+    ax[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[1].set_yticklabels([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
