@@ -186,6 +186,14 @@ class _Bytes:
             self.payload = self.state.total_payload_bytes
             self.wire = self.state.total_wire_bytes
 
+    def short(self) -> str:
+        """``name [kwargs] + feedback``, for plot titles."""
+        if self.state is None or not hasattr(self.state, "compressor"):
+            return self.kind
+        c, fb = self.state.compressor, self.state.feedback
+        kw = ", ".join(f"{k}={v}" for k, v in c.config().items() if v not in (None, False))
+        return f"{c.name}({kw[:40]}) + {fb.name} feedback"
+
     def describe(self) -> str:
         return repr(self.state) if self.state is not None else self.kind
 
@@ -248,6 +256,7 @@ def train_task(task: str, args: argparse.Namespace, rank: int, world: int) -> di
         epoch_loss = 0.0
     bar.close()
     return {"task": task, "params": numel, "world_size": world, "hook": counter.describe(),
+            "method": counter.short(),
             "steps": step, "records": records, "reached_target": reached,
             "final_test_acc": records[-1]["test_acc"] if records else None,
             "payload_bytes": counter.payload, "wire_bytes": counter.wire,
@@ -296,7 +305,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for row, (task, r) in zip(axes, runs.items()):
         rec = r["records"]
         row[0].plot([q["epoch"] for q in rec], [q["test_acc"] for q in rec], marker=".")
-        row[0].set(xlabel="epoch", ylabel="test accuracy", title=f"{task}: {r['hook']}"[:90])
+        row[0].set(xlabel="epoch", ylabel="test accuracy", title=f"{task}: {r['method']}")
+        row[0].title.set_fontsize(9)
         row[1].plot([q["payload_bytes"] / 1e6 for q in rec], [q["test_acc"] for q in rec],
                     marker=".", label="payload")
         row[1].plot([q["wire_bytes"] / 1e6 for q in rec], [q["test_acc"] for q in rec],
