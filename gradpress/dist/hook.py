@@ -302,12 +302,7 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     sent: torch.Tensor | None = None
     local_error: Exception | None = None
     try:
-        grad = buffer.detach()  # not written before finish(): no copy needed
-        v = fb.to_send(key, grad)
-        payload = comp.encode(v, seed=seed)
-        mine = payload.to_bytes()
-        sent = comp.decode(payload, device=buffer.device)
-        fb.commit(key, grad, sent)
+        mine, sent = _compress_own(comp, fb, key, buffer.detach(), seed)
     except NonFiniteGradientError:
         mine = STATUS_SKIP if state.on_nonfinite == "skip" else STATUS_NONFINITE
     except Exception as e:  # noqa: BLE001 - still take part, so peers fail too, not hang
@@ -336,6 +331,19 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
         return buffer
 
     return fut.then(finish)
+
+
+def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, seed: int
+                  ) -> tuple[bytes, torch.Tensor]:
+    """Steps 1-2 on this rank: this rank's payload bytes and their decoded value ``sent``;
+    feedback state is committed only after encoding succeeded. ``grad`` (the bucket) is not
+    written before the collective finishes, so it needs no copy."""
+    v = fb.to_send(key, grad)
+    payload = comp.encode(v, seed=seed)
+    mine = payload.to_bytes()
+    sent = comp.decode(payload, device=grad.device)
+    fb.commit(key, grad, sent)
+    return mine, sent
 
 
 def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tensor | None,

@@ -1,0 +1,126 @@
+"""CPU cost of the DDP compression hook's local work per bucket, with no network.
+
+Times what :func:`gradpress.dist.hook.compression_hook` does on one rank for one bucket,
+outside of the collective: feedback ``to_send``, ``encode`` to bytes, decode of its own
+payload, feedback ``commit`` (the hook's ``_compress_own``), then decoding the ``P`` ranks'
+payloads and averaging them in rank order (the hook's ``_average``; the peers' payloads are
+this rank's bytes, which costs the same to decode). The gradient is a seeded Gaussian of
+``--params`` elements (default 4.1M, the ``digits-mlp4m`` MLP) split into buckets of
+``--bucket-mb`` (DDP's default 25 MB: one bucket here). Each method runs a few warm-up steps
+first, so feedback state exists, as in training.
+
+Every time is the median over ``--reps`` steps; the ratio column divides by the median of
+``g.clone()`` of the same buckets, measured in the same run (a memory-bound floor: any
+pipeline reads the gradient at least once). ``--threads`` sets ``torch.set_num_threads``
+(the training worker uses 1 thread per rank).
+
+    .venv/bin/python benchmarks/hook_overhead.py
+    .venv/bin/python benchmarks/hook_overhead.py --threads 2 --reps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gradpress
+from gradpress.dist import hook
+from gradpress.feedback import ECQFeedback, ErrorFeedback, NoFeedback
+
+METHODS = {
+    "ecq 2 bits + ECQ": (lambda: gradpress.get("ecq", bits=2), lambda: ECQFeedback(0.5, 0.9)),
+    "ecq 4 bits + ECQ": (lambda: gradpress.get("ecq", bits=4), lambda: ECQFeedback(0.5, 0.9)),
+    "sign + EF": (lambda: gradpress.get("sign"), ErrorFeedback),
+    "qsgd s=3": (lambda: gradpress.get("qsgd", s=3), NoFeedback),
+}
+
+
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _buckets(params: int, bucket_mb: float, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(params, generator=gen) * 1e-2
+    cap = max(1, int(bucket_mb * 2**20) // 4)
+    return [g[i:i + cap].clone() for i in range(0, params, cap)]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    buckets = _buckets(args.params, args.bucket_mb, args.seed)
+    clone_ms = _median_ms(lambda: [b.clone() for b in buckets], args.reps)
+    rows = [{"method": "g.clone() (floor)", "local_ms": clone_ms, "average_ms": 0.0,
+             "total_ms": clone_ms, "bytes": 4 * args.params}]
+    for name, (make_comp, make_fb) in METHODS.items():
+        if args.only and not any(k in name for k in args.only.split(",")):
+            continue
+        comp, fb = make_comp(), make_fb()
+        step = [0]
+        last: list = []
+
+        def local() -> None:
+            last.clear()
+            for k, b in enumerate(buckets):
+                last.append(hook._compress_own(comp, fb, str(k), b, hook._mix_seed(
+                    0, step[0], k, 0)))
+            step[0] += 1
+
+        def average() -> None:
+            for k, b in enumerate(buckets):
+                mine, sent = last[k]
+                hook._average(comp, [mine] * args.world, 0, sent, b, step[0], k)
+
+        for _ in range(args.warmup):
+            local()
+        local_ms = _median_ms(local, args.reps)
+        average_ms = _median_ms(average, args.reps)
+        rows.append({"method": name, "local_ms": local_ms, "average_ms": average_ms,
+                     "total_ms": local_ms + average_ms,
+                     "bytes": sum(len(m) for m, _ in last)})
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    floor = rows[0]["total_ms"]
+    nb = -(-args.params // max(1, int(args.bucket_mb * 2**20) // 4))
+    lines = [f"hook CPU work per step: {args.params:,} params in {nb} bucket(s) of <= "
+             f"{args.bucket_mb} MB, P={args.world}, torch threads={args.threads}, "
+             f"median of {args.reps}",
+             f"{'method':<22} {'local ms':>9} {'avg(P) ms':>10} {'total ms':>9} "
+             f"{'x clone':>8} {'payload B':>11}",
+             "-" * 74]
+    for r in rows:
+        lines.append(f"{r['method']:<22} {r['local_ms']:9.1f} {r['average_ms']:10.1f} "
+                     f"{r['total_ms']:9.1f} {r['total_ms'] / floor:8.1f} {r['bytes']:11,}")
+    lines.append("local = to_send + encode + to_bytes + decode(own) + commit; "
+                 "avg(P) = decode P-1 peers + rank-order mean")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=int, default=4_100_000)
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--world", type=int, default=2, help="ranks P whose payloads are averaged")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated substrings of method names")
+    args = p.parse_args()
+    print(table(run(args), args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
