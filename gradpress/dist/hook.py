@@ -41,6 +41,7 @@ stable).
 """
 
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,8 @@ class StepBytes:
     buckets: int = 0
     skipped: int = 0  #: buckets where some rank skipped a non-finite gradient
     payload_lengths: dict[int, int] = field(default_factory=dict)  #: bucket -> own length
+    #: feedback key -> its state before this step (restored on every rank if it is skipped)
+    undo: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class CompressionState:
@@ -132,8 +135,20 @@ class CompressionState:
             ``fp16_compress_hook`` instead of all-gathering payloads.
         on_nonfinite: ``"raise"``: a NaN/Inf gradient on any rank raises
             :class:`~gradpress.errors.NonFiniteGradientError` on *every* rank at that
-            step (no rank hangs); ``"skip"``: that rank's bucket is left out of the average
-            (its feedback state untouched); if every rank skips, the update is zero.
+            step (no rank hangs); ``"skip"``: every rank skips the whole step: each rank
+            puts its feedback state back as it was before the step, the gradients become
+            zeros, and ``last_step.skipped > 0`` on every rank. The training loop must then
+            not call ``optimizer.step()`` (momentum and weight decay would still move the
+            parameters)::
+
+                loss.backward()
+                if state.last_step.skipped:   # same value on every rank
+                    optimizer.zero_grad()
+                    continue                  # parameters and optimizer state untouched
+                optimizer.step()
+        crc: append a CRC32 to every payload (4 bytes more each); a frame corrupted in
+            transit raises :class:`~gradpress.errors.PeerError` on every rank naming the
+            rank that sent it ("the payload from rank r"), instead of training on garbage.
 
     Fields (read them after ``loss.backward()``):
         iter: steps completed (incremented at the last bucket of a step).
@@ -146,7 +161,8 @@ class CompressionState:
                  compressor: Compressor | str = "fp32", feedback: Feedback | None = None, *,
                  compressor_kwargs: dict[str, Any] | None = None, seed: int = 0,
                  bounded: bool | str = "auto", allreduce_fast_path: bool = True,
-                 on_nonfinite: str = "raise", history_len: int = 100_000) -> None:
+                 on_nonfinite: str = "raise", history_len: int = 100_000,
+                 crc: bool = False) -> None:
         if isinstance(compressor, str):
             compressor = get(compressor, **(compressor_kwargs or {}))
         elif compressor_kwargs:
@@ -170,6 +186,7 @@ class CompressionState:
         self.allreduce_fast_path = bool(allreduce_fast_path)
         self.on_nonfinite = on_nonfinite
         self.history_len = int(history_len)
+        self.crc = bool(crc)
         self.iter = 0
         self.bucket_numel: dict[int, int] = {}
         self.last_step = StepBytes(0)
@@ -190,6 +207,7 @@ class CompressionState:
 
     def _step(self) -> StepBytes:
         if self._current is None:
+            self.last_step.undo = {}  # its buckets have all finished: drop the references
             self._current = StepBytes(self.iter)
         return self._current
 
@@ -301,13 +319,16 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     mine: bytes | int
     sent: torch.Tensor | None = None
     local_error: Exception | None = None
+    if state.on_nonfinite == "skip":  # pre-step state (commit/apply never mutate it in place)
+        step.undo.setdefault(key, fb._state.get(key))
     try:
-        mine, sent = _compress_own(comp, fb, key, buffer.detach(), seed)
+        mine, sent = _compress_own(comp, fb, key, buffer.detach(), seed, state.crc)
     except NonFiniteGradientError:
         mine = STATUS_SKIP if state.on_nonfinite == "skip" else STATUS_NONFINITE
     except Exception as e:  # noqa: BLE001 - still take part, so peers fail too, not hang
         mine, local_error = STATUS_ERROR, e
     bound = payload_bound(comp, buffer.numel()) if state.bounded in (True, "auto") else None
+    bound = bound + 4 if bound is not None and state.crc else bound  # the CRC32
     if state.bounded is True and bound is None:
         raise ValueError(f"compressor {comp.name!r} declares no payload bound; use "
                          "bounded='auto' or False")
@@ -324,22 +345,41 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
         if local_error is not None:
             raise local_error
         step.gathered_payload_bytes += sum(len(e) for e in entries if isinstance(e, bytes))
-        mean = _average(comp, entries, rank, sent, buffer, it, index)
-        if any(e == STATUS_SKIP for e in entries):
+        if state.crc and isinstance(mine, bytes) and entries[rank] != mine:
+            raise PeerError(f"step {it}, bucket {index}: the payload from rank {rank} (this "
+                            "rank) came back corrupted from the all-gather")
+        if any(e == STATUS_SKIP for e in entries):  # every rank skips the whole step
             step.skipped += 1
+            _undo_step(fb, step)
+            buffer.zero_()
+            return buffer
+        mean = _average(comp, entries, rank, sent, buffer, it, index)
         buffer.copy_(fb.apply(key, mean))
+        if step.skipped:  # another bucket of this step was skipped after this one began
+            _undo_step(fb, step)
         return buffer
 
     return fut.then(finish)
 
 
-def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, seed: int
-                  ) -> tuple[bytes, torch.Tensor]:
+def _undo_step(fb: Feedback, step: StepBytes) -> None:
+    """Put every bucket's feedback state of ``step`` back to its pre-step value."""
+    for key, old in list(step.undo.items()):
+        if old is None:
+            fb._state.pop(key, None)
+        else:
+            fb._state[key] = old
+
+
+def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, seed: int,
+                  crc: bool = False) -> tuple[bytes, torch.Tensor]:
     """Steps 1-2 on this rank: this rank's payload bytes and their decoded value ``sent``;
     feedback state is committed only after encoding succeeded. ``grad`` (the bucket) is not
     written before the collective finishes, so it needs no copy."""
     v = fb.to_send(key, grad)
     payload = comp.encode(v, seed=seed)
+    if crc:
+        payload = dataclasses.replace(payload, crc=True)
     mine = payload.to_bytes()
     sent = comp.decode(payload, device=grad.device)
     fb.commit(key, grad, sent)
@@ -377,8 +417,9 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
                     raise PayloadError(f"shape {p.shape}, bucket has {buffer.numel()}")
                 dec = comp.decode(p, device=buffer.device)
             except PayloadError as err:
-                raise PeerError(f"step {it}, bucket {index}: rank {r}'s payload is unusable "
-                                f"({err}); do all ranks use the same compressor?") from err
+                raise PeerError(f"step {it}, bucket {index}: the payload from rank {r} is "
+                                f"unusable ({err}); corrupted in transit, or do all ranks "
+                                "use the same compressor?") from err
         dec = dec.reshape(-1).float()
         acc = dec.clone() if acc is None else acc.add_(dec)
         n += 1
