@@ -4,10 +4,11 @@ Times what :func:`gradpress.dist.hook.compression_hook` does on one rank for one
 outside of the collective: feedback ``to_send``, ``encode`` to bytes, decode of its own
 payload, feedback ``commit`` (the hook's ``_compress_own``), then decoding the ``P`` ranks'
 payloads and averaging them in rank order (the hook's ``_average``; the peers' payloads are
-this rank's bytes, which costs the same to decode). The gradient is a seeded Gaussian of
-``--params`` elements (default 4.1M, the ``digits-mlp4m`` MLP) split into buckets of
-``--bucket-mb`` (DDP's default 25 MB: one bucket here). Each method runs a few warm-up steps
-first, so feedback state exists, as in training.
+this rank's bytes, which costs the same to decode). The buckets are restored, untimed,
+before every timed call (the hook overwrites a float32 bucket with the mean). The gradient
+is a seeded Gaussian of ``--params`` elements (default 4.1M, the ``digits-mlp4m`` MLP)
+split into buckets of ``--bucket-mb`` (DDP's default 25 MB: one bucket here). Each method
+runs a few warm-up steps first, so feedback state exists, as in training.
 
 Every time is the median over ``--reps`` steps; the ratio column divides by the median of
 ``g.clone()`` of the same buckets, measured in the same run (a memory-bound floor: any
@@ -38,9 +39,12 @@ METHODS = {
 }
 
 
-def _median_ms(fn, reps: int) -> float:
+def _median_ms(fn, reps: int, before=None) -> float:
+    """Median wall time of ``fn()`` in ms; ``before()`` runs untimed ahead of each call."""
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -54,38 +58,50 @@ def _buckets(params: int, bucket_mb: float, seed: int) -> list[torch.Tensor]:
     return [g[i:i + cap].clone() for i in range(0, params, cap)]
 
 
+def _time_method(comp, fb, buckets: list[torch.Tensor], restore, args: argparse.Namespace
+                 ) -> dict:
+    step = 0
+    last: list = []
+
+    def local() -> None:
+        nonlocal step
+        last.clear()
+        for k, b in enumerate(buckets):
+            seed = hook._mix_seed(0, step, k, 0)
+            last.append(hook._compress_own(comp, fb, str(k), b, seed))
+        step += 1
+
+    def average() -> None:
+        for k, b in enumerate(buckets):
+            mine, sent = last[k]
+            hook._average(comp, [mine] * args.world, 0, sent, b, step, k)
+
+    for _ in range(args.warmup):
+        restore()
+        local()
+    local_ms = _median_ms(local, args.reps, restore)
+    average_ms = _median_ms(average, args.reps, restore)
+    return {"local_ms": local_ms, "average_ms": average_ms, "total_ms": local_ms + average_ms,
+            "bytes": sum(len(m) for m, _ in last)}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     buckets = _buckets(args.params, args.bucket_mb, args.seed)
+    pristine = [b.clone() for b in buckets]
+
+    def restore() -> None:  # the hook writes the mean into a float32 bucket: start afresh
+        for b, p in zip(buckets, pristine):
+            b.copy_(p)
+
     clone_ms = _median_ms(lambda: [b.clone() for b in buckets], args.reps)
     rows = [{"method": "g.clone() (floor)", "local_ms": clone_ms, "average_ms": 0.0,
              "total_ms": clone_ms, "bytes": 4 * args.params}]
     for name, (make_comp, make_fb) in METHODS.items():
         if args.only and not any(k in name for k in args.only.split(",")):
             continue
-        comp, fb = make_comp(), make_fb()
-        step = [0]
-        last: list = []
-
-        def local() -> None:
-            last.clear()
-            for k, b in enumerate(buckets):
-                last.append(hook._compress_own(comp, fb, str(k), b, hook._mix_seed(
-                    0, step[0], k, 0)))
-            step[0] += 1
-
-        def average() -> None:
-            for k, b in enumerate(buckets):
-                mine, sent = last[k]
-                hook._average(comp, [mine] * args.world, 0, sent, b, step[0], k)
-
-        for _ in range(args.warmup):
-            local()
-        local_ms = _median_ms(local, args.reps)
-        average_ms = _median_ms(average, args.reps)
-        rows.append({"method": name, "local_ms": local_ms, "average_ms": average_ms,
-                     "total_ms": local_ms + average_ms,
-                     "bytes": sum(len(m) for m, _ in last)})
+        rows.append({"method": name, **_time_method(make_comp(), make_fb(), buckets, restore,
+                                                    args)})
     return rows
 
 

@@ -32,6 +32,16 @@ from gradpress.errors import PayloadError
 #: thread. Forking intra-op threads per chunk stalls by 10-30x when the cores are busy
 #: (as they are while a backward pass runs); measured on this project's 2-core machine.
 CHUNK = 32000
+#: Elements per chunk on CPU when torch runs single-threaded (``torch.get_num_threads() ==
+#: 1``, as in the DDP training worker): no op can fork, so larger chunks only cut the
+#: per-op dispatch cost (measured 10-15% faster quantize and dequantize at 4.1M elements).
+#: Same bytes either way (the random stream is consumed in element order).
+SERIAL_CHUNK = 131072
+
+
+def chunk_len() -> int:
+    """Elements per CPU chunk: :data:`CHUNK`, or :data:`SERIAL_CHUNK` when single-threaded."""
+    return SERIAL_CHUNK if torch.get_num_threads() == 1 else CHUNK
 #: Longest field the window reader handles (a value's bits plus its offset fit 64 bits).
 MAX_FIELD = 57
 
@@ -86,8 +96,9 @@ def _row_blocks(n: int, b: int, device: torch.device):
         if tail:
             yield nfull * b, nfull, 1, tail
         return
-    if b <= CHUNK:
-        per = CHUNK // b
+    chunk = chunk_len()
+    if b <= chunk:
+        per = chunk // b
         for j in range(0, nfull, per):
             yield j * b, j, min(per, nfull - j), b
         if tail:
@@ -95,8 +106,8 @@ def _row_blocks(n: int, b: int, device: torch.device):
         return
     for j in range(nfull + (1 if tail else 0)):
         end = min(n, (j + 1) * b)
-        for i in range(j * b, end, CHUNK):
-            yield i, j, 1, min(CHUNK, end - i)
+        for i in range(j * b, end, chunk):
+            yield i, j, 1, min(chunk, end - i)
 
 
 def _row_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
@@ -116,7 +127,8 @@ def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain
     are computed inside the chunk loop, so ``x`` is read from memory once."""
     n = flat.numel()
     b = min(bucket_size or n, n)
-    fused = flat.device.type == "cpu" and b <= CHUNK
+    chunk = chunk_len()
+    fused = flat.device.type == "cpu" and b <= chunk
     if fused:
         scale = torch.empty(n_buckets(n, b), device=flat.device)
     else:
@@ -124,7 +136,7 @@ def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain
         check_scales(scale)
     a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale)) if not fused else None
     out = torch.empty(n, dtype=torch.uint8, device=flat.device)
-    m = min(n, CHUNK) if flat.device.type == "cpu" else n
+    m = min(n, chunk) if flat.device.type == "cpu" else n
     ubuf = torch.empty(m, device=flat.device)
     fbuf = torch.empty(m, device=flat.device)
     rbuf = torch.empty(m, device=flat.device)

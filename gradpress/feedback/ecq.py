@@ -63,7 +63,8 @@ class ECQFeedback(Feedback):
         h = st.get("h")
         if h is None or self.alpha == 0.0:
             return g.clone()
-        return g + self.alpha * h
+        # alpha h + g (the same float sum as g + alpha h) with one temporary, not two.
+        return torch.mul(h, self.alpha).add_(g)
 
     def _commit(self, g: torch.Tensor, sent: torch.Tensor, st: dict[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
@@ -71,5 +72,7 @@ class ECQFeedback(Feedback):
         if h is None or self.beta == 0.0:
             return {"h": g - sent}
         # (beta h + g) - sent: the same sum as beta h + (g - sent), ordered so that
-        # alpha = beta = 1 is classic error feedback bit for bit.
-        return {"h": (self.beta * h + g) - sent}
+        # alpha = beta = 1 is classic error feedback bit for bit. One new tensor, updated in
+        # place (the old h is never written: a skipped step may put it back).
+        new = h.clone() if self.beta == 1.0 else torch.mul(h, self.beta)
+        return {"h": new.add_(g).sub_(sent)}

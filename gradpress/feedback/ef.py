@@ -35,5 +35,6 @@ class ErrorFeedback(Feedback):
                 ) -> dict[str, torch.Tensor]:
         # Recomputed in the state dtype, so rounding of to_send to a bf16 bucket is kept.
         e = st.get("e")
-        p = g if e is None else g + e
-        return {"e": p - sent}
+        if e is None:
+            return {"e": g - sent}
+        return {"e": torch.add(g, e).sub_(sent)}  # (g + e) - sent, one new tensor
