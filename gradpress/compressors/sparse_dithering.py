@@ -57,8 +57,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradpress.codec import BitReader, BitWriter, read_categorical, write_categorical
+from gradpress.codec import (
+    BitReader,
+    BitWriter,
+    gamma_decode,
+    read_categorical,
+    write_categorical,
+)
 from gradpress.codec.entropy import MAX_ALPHABET, entropy_bits
+from gradpress.compressors._fastcodes import FieldReader, pack_fields
 from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
@@ -78,102 +85,159 @@ def trit_bits(d: int) -> int:
     return full * _TRIT_BITS + ((3**r - 1).bit_length() if r else 0)
 
 
-def _write_trits(w: BitWriter, t: np.ndarray) -> None:
+def _trit_groups(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_j t_j 3^j`` of each group of 29 trits (int64, Horner over the columns) and the
+    field widths (46 bits; the tail group ``ceil(log2 3^r)``)."""
     d = t.size
     full, r = divmod(d, _TRITS)
-    if full:
-        g = t[:full * _TRITS].reshape(full, _TRITS).astype(np.uint64)
-        w.write_uint((g * _POW3).sum(axis=1, dtype=np.uint64), _TRIT_BITS)
+    g = t[:full * _TRITS].reshape(full, _TRITS)
+    v = np.zeros(full + (1 if r else 0), dtype=np.int64)
+    head = v[:full]
+    for j in range(_TRITS - 1, -1, -1):
+        head *= 3
+        head += g[:, j]
     if r:
-        v = int((t[full * _TRITS:].astype(np.uint64) * _POW3[:r]).sum(dtype=np.uint64))
-        w.write_uint(np.array([v], dtype=np.uint64), (3**r - 1).bit_length())
+        v[full] = int((t[full * _TRITS:].astype(np.int64) * _POW3[:r].astype(np.int64)).sum())
+    widths = np.full(v.size, _TRIT_BITS, dtype=np.int64)
+    if r:
+        widths[-1] = (3**r - 1).bit_length()
+    return v, widths
 
 
-def _read_trits(rd: BitReader, d: int) -> np.ndarray:
+_LUT3 = np.array([[(i // 3**j) % 3 for j in range(5)] for i in range(243)], dtype=np.uint8)
+
+
+def _read_trits(fr: FieldReader, d: int) -> np.ndarray:
     full, r = divmod(d, _TRITS)
     parts = []
     for n, width, count in ((full, _TRIT_BITS, _TRITS), (1 if r else 0,
                                                           (3**r - 1).bit_length(), r)):
         if not n:
             continue
-        v = rd.read_uint(n, width).astype(np.uint64)
+        v = fr.fixed(n, width, "sparse dithering trits").astype(np.int64)
         if int(v.max()) >= 3**count:
             raise PayloadError("sparse dithering payload has an invalid trit group")
-        digits = np.empty((n, count), dtype=np.uint8)
-        for j in range(count):
-            digits[:, j] = (v % np.uint64(3)).astype(np.uint8)
-            v = v // np.uint64(3)
-        parts.append(digits.reshape(-1))
+        digits = np.empty((n, 5 * (-(-count // 5))), dtype=np.uint8)
+        for j in range(0, count, 5):  # five trits per table look-up
+            digits[:, j:j + 5] = _LUT3[v % 243]
+            v //= 243
+        parts.append(digits[:, :count].reshape(-1))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
-def _write_unary(w: BitWriter, mags: np.ndarray) -> None:
-    """Each magnitude ``m >= 1`` as ``m - 1`` ones and a zero."""
+def _unary_bytes(mags: np.ndarray) -> tuple[np.ndarray, int]:
+    """Packed unary stream (each ``m >= 1`` as ``m - 1`` ones and a zero) and its bit count."""
     if not mags.size:
-        return
-    bits = np.ones(int(mags.sum()), dtype=np.uint8)
-    bits[np.cumsum(mags) - 1] = 0
-    w.write_bits(bits)
+        return np.zeros(0, dtype=np.uint8), 0
+    ends = np.cumsum(mags)
+    bits = np.ones(int(ends[-1]), dtype=np.uint8)
+    bits[ends - 1] = 0
+    return np.packbits(bits), bits.size
 
 
-def _read_unary(rd: BitReader, n: int) -> np.ndarray:
+def _read_unary(fr: FieldReader, data: np.ndarray, n: int) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    view = rd.bits_view()
+    start = fr.pos // 8
+    view = np.unpackbits(data[start:])[fr.pos - 8 * start:]
     zeros = np.flatnonzero(view == 0)
     if zeros.size < n:
         raise PayloadError("sparse dithering payload truncated in the unary levels")
     ends = zeros[:n]
-    rd.skip(int(ends[-1]) + 1)
+    fr.pos += int(ends[-1]) + 1
     return np.diff(ends, prepend=-1).astype(np.int64)
+
+
+class GammaWindowReader(BitReader):
+    """A :class:`BitReader` whose gamma reads unpack only the bits ``n`` codes can span
+    (``129 n``), not the whole rest of the body (``read_categorical`` reads three small
+    gamma groups before a long stream)."""
+
+    def read_gamma(self, n: int) -> np.ndarray:
+        if n < 0 or n > self.remaining:
+            raise PayloadError(f"cannot read {n} Elias codes from {self.remaining} bits")
+        span = min(self.remaining, 129 * n)
+        start = self.pos // 8
+        bits = np.unpackbits(self._data[start:(self.pos + span + 7) // 8])
+        off = self.pos - 8 * start
+        values, used = gamma_decode(bits[off:off + span], n)
+        self.pos += used
+        return values
 
 
 def encode_levels(scale: float, k: torch.Tensor, entropy: bool) -> bytes:
     """Body for signed integer levels ``k`` (any device) and a float32 ``scale``."""
-    kk = k.to("cpu", torch.int64).numpy()
-    trits = np.where(kk > 0, 1, np.where(kk < 0, 2, 0)).astype(np.uint8)
-    mags = np.abs(kk[kk != 0])
-    w = BitWriter()
-    w.write_float32(np.float32(scale))
-    w.write_uint(UNARY, 1)
-    _write_trits(w, trits)
-    _write_unary(w, mags)
-    body = w.getvalue()
+    kk = k.to("cpu", torch.int64)
+    trits = (kk > 0).to(torch.uint8).add_((kk < 0).to(torch.uint8), alpha=2).numpy()
+    nzv = kk[kk != 0]
+    mags = nzv.abs_().numpy()
+    groups, widths = _trit_groups(trits)
+    unary, ubits = _unary_bytes(mags)
+    whole, rest = divmod(ubits, 8)
+    scale_bits = np.frombuffer(np.float32(scale).tobytes(), dtype="<u4").astype(np.int64)
+    values = [scale_bits, np.array([UNARY]), groups, unary[:whole].astype(np.int64),
+              (unary[whole:whole + 1] >> (8 - rest)).astype(np.int64)[:1 if rest else 0]]
+    fw = [np.array([32]), np.array([1]), widths, np.full(whole, 8), np.full(len(values[4]), rest)]
+    body = pack_fields(values, fw)[0].tobytes()
     kmax = int(mags.max()) if mags.size else 0
     if entropy and 2 * kmax + 1 <= MAX_ALPHABET:
         we = BitWriter()
         we.write_float32(np.float32(scale))
         we.write_uint(ENTROPY, 1)
         we.write_gamma(np.array([kmax + 1]))
-        write_categorical(we, kk + kmax, 2 * kmax + 1)
+        write_categorical(we, kk.numpy() + kmax, 2 * kmax + 1)
         alt = we.getvalue()
         if len(alt) < len(body):
             body = alt
     return body
 
 
-def decode_levels(body: bytes, numel: int, name: str) -> tuple[float, np.ndarray]:
-    rd = BitReader(body)
-    scale = float(rd.read_float32(1)[0])
+def _decode_sparse(body: bytes, numel: int, name: str
+                   ) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(scale, positions of the non-zero levels, their signed values)`` of a body."""
+    fr = FieldReader(body)
+    raw = fr.fixed(1, 32, f"{name} scale").astype(np.uint32)
+    scale = float(raw.view("<f4")[0])
     if not math.isfinite(scale) or scale < 0:
         raise PayloadError(f"{name} payload has a bad scale {scale}")
-    (mode,) = rd.read_uint(1, 1)
-    if int(mode) == UNARY:
-        trits = _read_trits(rd, numel)
+    mode = int(fr.fixed(1, 1, f"{name} mode")[0])
+    if mode == UNARY:
+        trits = _read_trits(fr, numel)
         nz = np.flatnonzero(trits)
-        mags = _read_unary(rd, nz.size)
-        k = np.zeros(numel, dtype=np.int64)
-        k[nz] = np.where(trits[nz] == 2, -mags, mags)
+        mags = _read_unary(fr, np.frombuffer(body, dtype=np.uint8), nz.size)
+        fr.expect_end(f"{name} payload body")
+        sk = np.where(trits[nz] == 2, -mags, mags)
     else:
+        rd = GammaWindowReader(body)
+        rd.pos = fr.pos
         (kp1,) = rd.read_gamma(1)
         kmax = int(kp1) - 1
         if 2 * kmax + 1 > MAX_ALPHABET:
             raise PayloadError(f"{name} payload declares levels up to {kmax}")
         k = read_categorical(rd, numel) - kmax
-    rd.expect_end()
-    if k.size and scale * float(np.abs(k).max()) > 3.0e38:
+        rd.expect_end()
+        nz = np.flatnonzero(k)
+        sk = k[nz]
+    if sk.size and scale * float(np.abs(sk).max()) > 3.0e38:
         raise PayloadError(f"{name} payload decodes beyond float32's range")
+    return scale, nz, sk
+
+
+def decode_levels(body: bytes, numel: int, name: str) -> tuple[float, np.ndarray]:
+    """``(scale, signed levels)`` of a body written by :func:`encode_levels`."""
+    scale, nz, sk = _decode_sparse(body, numel, name)
+    k = np.zeros(numel, dtype=np.int64)
+    k[nz] = sk
     return scale, k
+
+
+def _decode_values(body: bytes, numel: int, name: str, device: torch.device) -> torch.Tensor:
+    """``scale * k`` as float32 (products in float64, rounded once)."""
+    scale, nz, sk = _decode_sparse(body, numel, name)
+    out = torch.zeros(numel, dtype=torch.float32)
+    if nz.size:
+        out[torch.from_numpy(nz)] = (torch.from_numpy(sk).double() * scale).float()
+    return out.to(device)
 
 
 def _unary_cost(d: int, k: torch.Tensor) -> int:
@@ -336,8 +400,7 @@ class SparseDithering(Compressor):
         return encode_levels(scale, k, self.entropy)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
-        scale, k = decode_levels(body, numel, self.name)
-        return (torch.from_numpy(k).to(torch.float64) * scale).to(torch.float32).to(device)
+        return _decode_values(body, numel, self.name, device)
 
 
 @register
@@ -388,5 +451,4 @@ class SparseDitheringRand(Compressor):
         return encode_levels(delta, torch.where(flat < 0, -k, k), self.entropy)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
-        scale, k = decode_levels(body, numel, self.name)
-        return (torch.from_numpy(k).to(torch.float64) * scale).to(torch.float32).to(device)
+        return _decode_values(body, numel, self.name, device)
