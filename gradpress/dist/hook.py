@@ -225,6 +225,14 @@ class CompressionState:
         """Feedback key of bucket ``index``; forgets its residual if the bucket was rebuilt."""
         key = str(index)
         if self.bucket_numel.get(index, numel) != numel and key in self.feedback.keys():
+            if getattr(self, "_restored", False):
+                import warnings
+
+                warnings.warn(f"DDP bucket {index} has {numel} elements, the checkpoint's had "
+                              f"{self.bucket_numel[index]}: its feedback residual is dropped, "
+                              "so this resume is not exact. DDP builds one bucket for the first "
+                              "step and rebuilds after it; construct it with "
+                              "find_unused_parameters=True to keep one layout", stacklevel=2)
             sd = self.feedback.state_dict()
             del sd["state"][key]
             self.feedback.load_state_dict(sd)
@@ -260,6 +268,7 @@ class CompressionState:
         self.total_payload_bytes = int(sd["total_payload_bytes"])
         self.total_wire_bytes = int(sd["total_wire_bytes"])
         self._current = None
+        self._restored = True  # a later bucket-layout change warns (see _key_for)
 
     def __repr__(self) -> str:
         return (f"CompressionState(compressor={self.compressor!r}, feedback={self.feedback!r},"
