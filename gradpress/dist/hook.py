@@ -391,7 +391,8 @@ def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, 
         payload = dataclasses.replace(payload, crc=True)
     mine = payload.to_bytes()
     sent = comp.decode(payload, device=grad.device)
-    fb.commit(key, grad, sent)
+    # grad passed to_send's check; a decoder never returns NaN/Inf: no third and fourth scan
+    fb._commit_checked(key, grad, sent.reshape(grad.shape))
     return mine, sent
 
 
@@ -412,6 +413,7 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
     if bad:
         raise PeerError(f"step {it}, bucket {index}: rank(s) {sorted(bad)} produced payloads "
                         f"larger than {comp.name}'s declared bound; report this as a bug")
+    first: torch.Tensor | None = None  # the first decoded payload, until a second comes
     acc: torch.Tensor | None = None
     n = 0
     for r, e in enumerate(entries):
@@ -430,8 +432,14 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
                                 f"unusable ({err}); corrupted in transit, or do all ranks "
                                 "use the same compressor?") from err
         dec = dec.reshape(-1).float()
-        acc = dec.clone() if acc is None else acc.add_(dec)
         n += 1
-    if acc is None:  # every rank skipped this bucket
+        if n == 1:
+            first = dec
+        elif n == 2:  # (d0 + d1) into a new tensor: no clone of d0 first
+            acc, first = torch.add(first, dec), None
+        else:
+            acc.add_(dec)
+    if n == 0:  # every rank skipped this bucket
         return torch.zeros_like(buffer)
+    acc = first.clone() if acc is None else acc
     return acc.div_(n).to(buffer.dtype)

@@ -75,6 +75,14 @@ class Feedback(ABC):
         if s32.shape != g32.shape:
             raise ValueError(f"decoded message for key {key!r} has shape {tuple(s32.shape)}, "
                              f"gradient has {tuple(g32.shape)}")
+        self._commit_checked(key, g32, s32)
+
+    def _commit_checked(self, key: str, g: torch.Tensor, sent: torch.Tensor) -> None:
+        """:meth:`commit` without the finiteness scans, for callers that have just checked
+        both (the DDP hook: ``g`` passed :meth:`to_send`, ``sent`` came out of a decoder,
+        which never returns NaN/Inf); shapes must match."""
+        g32 = g.detach().to(_state_dtype(g.dtype))
+        s32 = sent.detach().to(_state_dtype(sent.dtype))
         st = self._slot(key, g32, create=False)
         new = self._commit(g32, s32.to(g32.device), st)  # computed fully before storing
         self._state[key] = {**st, **new}
