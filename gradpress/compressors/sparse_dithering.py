@@ -57,187 +57,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradpress.codec import (
-    BitReader,
-    BitWriter,
-    gamma_decode,
-    read_categorical,
-    write_categorical,
+from gradpress.codec.entropy import entropy_bits
+from gradpress.compressors._level_codec import (
+    CHUNK,
+    LevelSink,
+    decode_levels,  # noqa: F401 (re-export)
+    decode_values,
+    encode_levels,
+    trit_bits,
 )
-from gradpress.codec.entropy import MAX_ALPHABET, entropy_bits
-from gradpress.compressors._fastcodes import FieldReader, pack_fields
 from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
-from gradpress.errors import PayloadError
 
-_TRITS = 29
-_TRIT_BITS = 46  # 3^29 < 2^46
-_POW3 = np.array([3**j for j in range(_TRITS)], dtype=np.uint64)
-_MAX_GROUP = np.uint64(3**_TRITS)
-UNARY, ENTROPY = 0, 1
 #: Grid multipliers ``r`` tried by the deterministic encoder (stops at the first infeasible).
 _STEPS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.3, 2.6, 3.0, 3.5, 4.0, 5.0)
 
 
-def trit_bits(d: int) -> int:
-    """Bits of ``d`` trits packed 29 per 46 bits (the tail in ``ceil(log2 3^r)`` bits)."""
-    full, r = divmod(int(d), _TRITS)
-    return full * _TRIT_BITS + ((3**r - 1).bit_length() if r else 0)
-
-
-def _trit_groups(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``sum_j t_j 3^j`` of each group of 29 trits (int64, Horner over the columns) and the
-    field widths (46 bits; the tail group ``ceil(log2 3^r)``)."""
-    d = t.size
-    full, r = divmod(d, _TRITS)
-    g = t[:full * _TRITS].reshape(full, _TRITS)
-    v = np.zeros(full + (1 if r else 0), dtype=np.int64)
-    head = v[:full]
-    for j in range(_TRITS - 1, -1, -1):
-        head *= 3
-        head += g[:, j]
-    if r:
-        v[full] = int((t[full * _TRITS:].astype(np.int64) * _POW3[:r].astype(np.int64)).sum())
-    widths = np.full(v.size, _TRIT_BITS, dtype=np.int64)
-    if r:
-        widths[-1] = (3**r - 1).bit_length()
-    return v, widths
-
-
-_LUT3 = np.array([[(i // 3**j) % 3 for j in range(5)] for i in range(243)], dtype=np.uint8)
-
-
-def _read_trits(fr: FieldReader, d: int) -> np.ndarray:
-    full, r = divmod(d, _TRITS)
-    parts = []
-    for n, width, count in ((full, _TRIT_BITS, _TRITS), (1 if r else 0,
-                                                          (3**r - 1).bit_length(), r)):
-        if not n:
-            continue
-        v = fr.fixed(n, width, "sparse dithering trits").astype(np.int64)
-        if int(v.max()) >= 3**count:
-            raise PayloadError("sparse dithering payload has an invalid trit group")
-        digits = np.empty((n, 5 * (-(-count // 5))), dtype=np.uint8)
-        for j in range(0, count, 5):  # five trits per table look-up
-            digits[:, j:j + 5] = _LUT3[v % 243]
-            v //= 243
-        parts.append(digits[:, :count].reshape(-1))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
-
-
-def _unary_bytes(mags: np.ndarray) -> tuple[np.ndarray, int]:
-    """Packed unary stream (each ``m >= 1`` as ``m - 1`` ones and a zero) and its bit count."""
-    if not mags.size:
-        return np.zeros(0, dtype=np.uint8), 0
-    ends = np.cumsum(mags)
-    bits = np.ones(int(ends[-1]), dtype=np.uint8)
-    bits[ends - 1] = 0
-    return np.packbits(bits), bits.size
-
-
-def _read_unary(fr: FieldReader, data: np.ndarray, n: int) -> np.ndarray:
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    start = fr.pos // 8
-    view = np.unpackbits(data[start:])[fr.pos - 8 * start:]
-    zeros = np.flatnonzero(view == 0)
-    if zeros.size < n:
-        raise PayloadError("sparse dithering payload truncated in the unary levels")
-    ends = zeros[:n]
-    fr.pos += int(ends[-1]) + 1
-    return np.diff(ends, prepend=-1).astype(np.int64)
-
-
-class GammaWindowReader(BitReader):
-    """A :class:`BitReader` whose gamma reads unpack only the bits ``n`` codes can span
-    (``129 n``), not the whole rest of the body (``read_categorical`` reads three small
-    gamma groups before a long stream)."""
-
-    def read_gamma(self, n: int) -> np.ndarray:
-        if n < 0 or n > self.remaining:
-            raise PayloadError(f"cannot read {n} Elias codes from {self.remaining} bits")
-        span = min(self.remaining, 129 * n)
-        start = self.pos // 8
-        bits = np.unpackbits(self._data[start:(self.pos + span + 7) // 8])
-        off = self.pos - 8 * start
-        values, used = gamma_decode(bits[off:off + span], n)
-        self.pos += used
-        return values
-
-
-def encode_levels(scale: float, k: torch.Tensor, entropy: bool) -> bytes:
-    """Body for signed integer levels ``k`` (any device) and a float32 ``scale``."""
-    kk = k.to("cpu", torch.int64)
-    trits = (kk > 0).to(torch.uint8).add_((kk < 0).to(torch.uint8), alpha=2).numpy()
-    nzv = kk[kk != 0]
-    mags = nzv.abs_().numpy()
-    groups, widths = _trit_groups(trits)
-    unary, ubits = _unary_bytes(mags)
-    whole, rest = divmod(ubits, 8)
-    scale_bits = np.frombuffer(np.float32(scale).tobytes(), dtype="<u4").astype(np.int64)
-    values = [scale_bits, np.array([UNARY]), groups, unary[:whole].astype(np.int64),
-              (unary[whole:whole + 1] >> (8 - rest)).astype(np.int64)[:1 if rest else 0]]
-    fw = [np.array([32]), np.array([1]), widths, np.full(whole, 8), np.full(len(values[4]), rest)]
-    body = pack_fields(values, fw)[0].tobytes()
-    kmax = int(mags.max()) if mags.size else 0
-    if entropy and 2 * kmax + 1 <= MAX_ALPHABET:
-        we = BitWriter()
-        we.write_float32(np.float32(scale))
-        we.write_uint(ENTROPY, 1)
-        we.write_gamma(np.array([kmax + 1]))
-        write_categorical(we, kk.numpy() + kmax, 2 * kmax + 1)
-        alt = we.getvalue()
-        if len(alt) < len(body):
-            body = alt
-    return body
-
-
-def _decode_sparse(body: bytes, numel: int, name: str
-                   ) -> tuple[float, np.ndarray, np.ndarray]:
-    """``(scale, positions of the non-zero levels, their signed values)`` of a body."""
-    fr = FieldReader(body)
-    raw = fr.fixed(1, 32, f"{name} scale").astype(np.uint32)
-    scale = float(raw.view("<f4")[0])
-    if not math.isfinite(scale) or scale < 0:
-        raise PayloadError(f"{name} payload has a bad scale {scale}")
-    mode = int(fr.fixed(1, 1, f"{name} mode")[0])
-    if mode == UNARY:
-        trits = _read_trits(fr, numel)
-        nz = np.flatnonzero(trits)
-        mags = _read_unary(fr, np.frombuffer(body, dtype=np.uint8), nz.size)
-        fr.expect_end(f"{name} payload body")
-        sk = np.where(trits[nz] == 2, -mags, mags)
-    else:
-        rd = GammaWindowReader(body)
-        rd.pos = fr.pos
-        (kp1,) = rd.read_gamma(1)
-        kmax = int(kp1) - 1
-        if 2 * kmax + 1 > MAX_ALPHABET:
-            raise PayloadError(f"{name} payload declares levels up to {kmax}")
-        k = read_categorical(rd, numel) - kmax
-        rd.expect_end()
-        nz = np.flatnonzero(k)
-        sk = k[nz]
-    if sk.size and scale * float(np.abs(sk).max()) > 3.0e38:
-        raise PayloadError(f"{name} payload decodes beyond float32's range")
-    return scale, nz, sk
-
-
-def decode_levels(body: bytes, numel: int, name: str) -> tuple[float, np.ndarray]:
-    """``(scale, signed levels)`` of a body written by :func:`encode_levels`."""
-    scale, nz, sk = _decode_sparse(body, numel, name)
-    k = np.zeros(numel, dtype=np.int64)
-    k[nz] = sk
-    return scale, k
-
-
-def _decode_values(body: bytes, numel: int, name: str, device: torch.device) -> torch.Tensor:
-    """``scale * k`` as float32 (products in float64, rounded once)."""
-    scale, nz, sk = _decode_sparse(body, numel, name)
-    out = torch.zeros(numel, dtype=torch.float32)
-    if nz.size:
-        out[torch.from_numpy(nz)] = (torch.from_numpy(sk).double() * scale).float()
-    return out.to(device)
+def _sum_squares(flat: torch.Tensor, step: int) -> float:
+    """``||x||^2`` in float64, chunk by chunk."""
+    total = 0.0
+    for s in range(0, flat.numel(), step):
+        total += float(flat[s:s + step].double().square_().sum())
+    return total
 
 
 def _unary_cost(d: int, k: torch.Tensor) -> int:
@@ -400,7 +241,7 @@ class SparseDithering(Compressor):
         return encode_levels(scale, k, self.entropy)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
-        return _decode_values(body, numel, self.name, device)
+        return decode_values(body, numel, self.name).to(device)
 
 
 @register
@@ -438,17 +279,21 @@ class SparseDitheringRand(Compressor):
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         d = flat.numel()
-        a = flat.double().abs()
-        norm = math.sqrt(float((a * a).sum()))
-        delta = float(np.float32(2.0 * norm * math.sqrt(self.omega_ / d)))
-        if delta > 0 and math.isfinite(delta):
-            u = a / delta
+        step = CHUNK if flat.device.type == "cpu" else d
+        nx2 = _sum_squares(flat, step)
+        delta = float(np.float32(2.0 * math.sqrt(nx2) * math.sqrt(self.omega_ / d)))
+        if not (delta > 0 and math.isfinite(delta)):  # zero vector (or below float32's range)
+            return encode_levels(0.0, torch.zeros(d, dtype=torch.int64), self.entropy)
+        sink = LevelSink(keep_levels=self.entropy)
+        for s in range(0, d, step):  # chunk by chunk: same stream of uniforms as one call
+            x = flat[s:s + step]
+            u = x.double().abs_().div_(delta)
             k = torch.floor(u)
-            rnd = torch.rand(d, generator=gen, device=flat.device, dtype=torch.float64)
-            k = (k + (rnd < (u - k)).double()).to(torch.int64)
-        else:  # zero vector (or a norm below float32's range)
-            delta, k = 0.0, torch.zeros(d, dtype=torch.int64, device=flat.device)
-        return encode_levels(delta, torch.where(flat < 0, -k, k), self.entropy)
+            rnd = torch.rand(x.numel(), generator=gen, device=flat.device, dtype=torch.float64)
+            k += rnd < u.sub_(k)
+            k = k.to(torch.int64)
+            sink.add(torch.where(x < 0, -k, k).cpu())
+        return sink.body(delta, self.entropy)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
-        return _decode_values(body, numel, self.name, device)
+        return decode_values(body, numel, self.name).to(device)

@@ -44,9 +44,9 @@ import torch
 from gradpress.codec import BitWriter, read_categorical, write_categorical
 from gradpress.codec.entropy import MAX_ALPHABET
 from gradpress.compressors._fastcodes import FieldReader, pack_fields
+from gradpress.compressors._level_codec import GammaWindowReader
 from gradpress.compressors.base import Compressor, generator_for
 from gradpress.compressors.registry import register
-from gradpress.compressors.sparse_dithering import GammaWindowReader
 from gradpress.errors import PayloadError
 
 #: Range of block gains kept (below ``2^-DYNAMIC_RANGE`` of the largest: zero).
