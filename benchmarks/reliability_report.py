@@ -7,7 +7,8 @@ Outcomes are counted, never assumed: for corrupt bytes a case passes when the de
 ``PayloadError`` or returns a finite tensor of the declared shape (corruption that is
 undetectable without a CRC); anything else is a failure and is listed. Distributed faults
 (dead peer, non-finite skip, exact resume) are run as their pytest tests and reported with
-their pass/fail counts.
+their pass/fail counts. A summary table (one row per fault or input, cases summed over the
+compressors; one row per distributed fault test) opens the report.
 """
 
 from __future__ import annotations
@@ -85,6 +86,22 @@ def corrupt_bytes_cases(name: str, n_random: int, rng: np.random.Generator) -> d
     return out
 
 
+def crc_cases(name: str, n: int, rng: np.random.Generator) -> Counter:
+    """``n`` single-bit flips anywhere in a payload sent with ``crc=True`` (header included):
+    every one must raise ``PayloadError``."""
+    import dataclasses
+
+    x = torch.randn(40, 25, generator=torch.Generator().manual_seed(1))
+    raw = dataclasses.replace(gradpress.get(name).encode(x, seed=3), crc=True).to_bytes()
+    out = Counter()
+    for bit in rng.choice(8 * len(raw), size=min(n, 8 * len(raw)), replace=False):
+        b = bytearray(raw)
+        b[bit // 8] ^= 1 << (bit % 8)
+        out[_outcome(lambda b=bytes(b): (gradpress.get(name).decode(Payload.from_bytes(b)),
+                                         x.shape))] += 1
+    return out
+
+
 def input_cases(name: str) -> dict[str, str]:
     c = gradpress.get(name)
     res = {}
@@ -127,14 +144,22 @@ def huge_header_case() -> str:
     return "FAIL accepted"
 
 
-def pytest_cases(selectors: list[str]) -> list[tuple[str, str]]:
+def pytest_cases(selectors: list[str]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Run each test file; return ``(file, summary line, [(test, PASSED|FAILED|...)])``."""
     rows = []
     for sel in selectors:
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", sel],
-                           cwd=ROOT, capture_output=True, text=True)
-        tail = [ln for ln in r.stdout.splitlines() if ln.strip()][-1:] or ["(no output)"]
-        rows.append((sel, f"{tail[0]} ({time.time() - t0:.0f} s)"))
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p",
+                            "no:cacheprovider", sel], cwd=ROOT, capture_output=True, text=True)
+        tests = []
+        for ln in r.stdout.splitlines():
+            word, _, rest = ln.partition(" ")
+            if word in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL") and "::" in rest:
+                tests.append((rest.split("::", 1)[1].split(" - ")[0], word))
+        words = Counter(w for _, w in tests)
+        summary = ", ".join(f"{v} {k.lower()}" for k, v in sorted(words.items()))
+        rows.append((sel, f"{summary or 'no tests'}, exit code {r.returncode} "
+                          f"({time.time() - t0:.0f} s)", tests))
     return rows
 
 
@@ -156,10 +181,17 @@ def main() -> int:
              "| compressor | fault | cases | PayloadError | finite tensor | failures |",
              "|---|---|---:|---:|---:|---|"]
     failures = 0
+    summary: dict[str, Counter] = {}
+    outcome_text: dict[str, str] = {}
     for name in gradpress.available():
-        for fault, counts in corrupt_bytes_cases(name, n_random, rng).items():
+        cases = corrupt_bytes_cases(name, n_random, rng)
+        cases["1-bit flip anywhere, CRC on"] = crc_cases(name, n_random, rng)
+        for fault, counts in cases.items():
             bad = {k: v for k, v in counts.items() if k.startswith("FAIL")}
             failures += sum(bad.values())
+            summary.setdefault(fault, Counter()).update(
+                {"cases": sum(counts.values()), "PayloadError": counts["PayloadError"],
+                 "finite tensor": counts["finite tensor"], "failures": sum(bad.values())})
             lines.append(f"| {name} | {fault} | {sum(counts.values())} | "
                          f"{counts['PayloadError']} | {counts['finite tensor']} | "
                          f"{'; '.join(f'{v}x {k}' for k, v in bad.items()) or 0} |")
@@ -172,14 +204,41 @@ def main() -> int:
     for n in names:
         failures += sum(v.startswith("FAIL") for v in table[n].values())
         lines.append(f"| {n} | " + " | ".join(table[n][c] for c in cols) + " |")
+    for c in cols:
+        outs = Counter(table[n][c] for n in names)
+        summary[f"input: {c}"] = Counter({"cases": len(names), "failures": sum(
+            v for k, v in outs.items() if k.startswith("FAIL"))})
+        outcome_text[f"input: {c}"] = ", ".join(f"{v}x {k}" for k, v in outs.items())
     lines += ["", f"Header declaring 2^40 elements: {huge_header_case()}.", "",
-              "## Distributed faults and exact resume (pytest, real gloo process groups)", "",
+              "## Tests: hostile payloads, distributed faults, exact resume", "",
+              "pytest, run by this command; the distributed ones on real gloo process "
+              "groups (spawned ranks, FileStore, 5-8 s process-group timeout).", "",
               "| test | result |", "|---|---|"]
     dist_tests = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
-                  if p.stem in ("test_dist", "test_faults", "test_resume", "test_feedback")]
-    for sel, result in pytest_cases(dist_tests):
+                  if p.stem in ("test_hostile", "test_payload", "test_dist", "test_faults",
+                                "test_resume", "test_feedback")]
+    dist_failures = 0
+    for sel, result, tests in pytest_cases(dist_tests):
         lines.append(f"| `{sel}` | {result} |")
-    lines += ["", f"Failures in the compressor cases above: **{failures}**.", ""]
+        for name, word in tests:
+            lines.append(f"| &nbsp;&nbsp;{name} | {word} |")
+            dist_failures += word in ("FAILED", "ERROR")
+            if Path(sel).stem in ("test_faults", "test_resume"):  # the rest: see the rows
+                summary[f"distributed: {name}"] = Counter(
+                    {"cases": 1, "failures": int(word != "PASSED")})
+                outcome_text[f"distributed: {name}"] = word
+    lines += ["", f"Failures in the compressor cases above: **{failures}**; "
+              f"in the tests: **{dist_failures}**.", ""]
+    head = ["## Summary", "",
+            "| fault or input | cases | outcome | failures |", "|---|---:|---|---:|"]
+    for fault, c in summary.items():
+        outcome = outcome_text.get(fault) or (
+            f"{c['PayloadError']} PayloadError, {c['finite tensor']} finite tensor "
+            "of the declared shape")
+        head.append(f"| {fault} | {c['cases']} | {outcome} | {c['failures']} |")
+    at = lines.index("## Corrupt bytes, per compressor")
+    lines[at:at] = head + [""]
+    failures += dist_failures
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 1 if failures else 0
