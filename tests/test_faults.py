@@ -275,7 +275,7 @@ def _crc_run(rank: int, crc: bool) -> dict:
     def corrupting(payload, group=None, *, capacity=None):
         fut, wire = real(payload, group, capacity=capacity)
         calls["n"] += 1
-        if calls["n"] != 5:  # step 1's first bucket (the model has 3 buckets + 1)
+        if calls["n"] != 5:  # step 2's first bucket (step 0: one bucket; then DDP rebuilds 3)
             return fut, wire
 
         def flip(f):
