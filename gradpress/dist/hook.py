@@ -363,7 +363,9 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
             buffer.zero_()
             return buffer
         mean = _average(comp, entries, rank, sent, buffer, it, index)
-        buffer.copy_(fb.apply(key, mean))
+        update = fb.apply(key, mean)
+        if not _same_memory(update, buffer):  # _average may have written into the bucket
+            buffer.copy_(update)
         if step.skipped:  # another bucket of this step was skipped after this one began
             _undo_step(fb, step)
         return buffer
@@ -396,6 +398,12 @@ def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, 
     return mine, sent
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same storage (copy is a no-op)."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.device == b.device)
+
+
 def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tensor | None,
              buffer: torch.Tensor, it: int, index: int) -> torch.Tensor:
     """Mean of the decoded payloads in rank order (own payload: the ``sent`` already decoded
@@ -416,6 +424,12 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
     first: torch.Tensor | None = None  # the first decoded payload, until a second comes
     acc: torch.Tensor | None = None
     n = 0
+    valid = sum(isinstance(e, bytes) for e in entries)
+    # With exactly two payloads both are decoded before the first add, so the sum can go
+    # straight into a float32 bucket (no longer needed: this rank's feedback has committed)
+    # with nothing written if a decode fails; otherwise into a new accumulator.
+    into = (buffer if valid == 2 and buffer.dtype == torch.float32 and buffer.is_contiguous()
+            and buffer.dim() == 1 else None)
     for r, e in enumerate(entries):
         if isinstance(e, int):
             continue
@@ -435,8 +449,8 @@ def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tens
         n += 1
         if n == 1:
             first = dec
-        elif n == 2:  # (d0 + d1) into a new tensor: no clone of d0 first
-            acc, first = torch.add(first, dec), None
+        elif n == 2:  # d0 + d1, no clone of d0 first
+            acc, first = torch.add(first, dec, out=into), None
         else:
             acc.add_(dec)
     if n == 0:  # every rank skipped this bucket
