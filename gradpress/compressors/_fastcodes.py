@@ -34,7 +34,7 @@ from gradpress.errors import PayloadError
 CHUNK = 32000
 #: Elements per chunk on CPU when torch runs single-threaded (``torch.get_num_threads() ==
 #: 1``, as in the DDP training worker): no op can fork, so larger chunks only cut the
-#: per-op dispatch cost (measured 10-15% faster quantize and dequantize at 4.1M elements).
+#: per-op dispatch cost (measured at 4.1M elements: quantize 14%, dequantize 19% faster).
 #: Same bytes either way (the random stream is consumed in element order).
 SERIAL_CHUNK = 131072
 
@@ -42,6 +42,8 @@ SERIAL_CHUNK = 131072
 def chunk_len() -> int:
     """Elements per CPU chunk: :data:`CHUNK`, or :data:`SERIAL_CHUNK` when single-threaded."""
     return SERIAL_CHUNK if torch.get_num_threads() == 1 else CHUNK
+
+
 #: Longest field the window reader handles (a value's bits plus its offset fit 64 bits).
 MAX_FIELD = 57
 
