@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from gradpress.codec.entropy import entropy_bits
+from gradpress.compressors import _sd_search as _sd
 from gradpress.compressors._level_codec import (
     CHUNK,
     LevelSink,
@@ -237,8 +238,52 @@ class SparseDithering(Compressor):
         return float(((flat.double() - scale * k.double()) ** 2).sum())
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
-        scale, k = self._levels(flat)
-        return encode_levels(scale, k, self.entropy)
+        body = None if self.entropy or self.levels is not None else self._encode_streaming(flat)
+        if body is None:
+            scale, k = self._levels(flat)
+            body = encode_levels(scale, k, self.entropy)
+        return body
+
+    def _encode_streaming(self, flat: torch.Tensor) -> bytes | None:
+        """The unary-mode search of :meth:`_levels` in cache-sized chunks (``_sd_search``);
+        ``None`` where :meth:`_levels` must decide (zero vector, no feasible grid, or the
+        float32 search missing the budget)."""
+        d = flat.numel()
+        step = CHUNK if flat.device.type == "cpu" else d
+        nx2 = _sum_squares(flat, step)
+        if nx2 == 0.0:
+            return None
+
+        def chunks():
+            return (flat[s:s + step].abs() for s in range(0, d, step))
+
+        base = 2.0 * math.sqrt(nx2) * math.sqrt(self.nu / d) * (1 - 1e-6)
+        grids = []
+        for r in _STEPS[:self.max_steps]:
+            grid = _sd.scan(chunks, float(base * r), self.nu * nx2 / (base * r) ** 2 * (1 - 1e-5))
+            if grid is None:
+                break
+            grids.append(grid)
+        if not grids:
+            return None
+        best = min(g.bounds()[1] for g in grids)
+        for g in grids:  # exact level sums where the bounds do not separate the grids
+            if g.bounds()[0] <= best:
+                _sd.resolve(chunks, g, step)
+        best = min(g.bounds()[0] for g in grids)
+        grid = next(g for g in grids if g.bounds()[0] == best)  # the first cheapest
+        _sd.resolve(chunks, grid, step)
+        sink, s_ak, s_kk = LevelSink(), 0.0, 0.0
+        for n, k in enumerate(_sd.levels(chunks, grid, step)):
+            x = flat[n * step:(n + 1) * step]
+            s_ak += float((x.double().abs_() * k).sum())
+            s_kk += float((k * k).sum())
+            kk = k.to(torch.int64)
+            sink.add(torch.where(x < 0, -kk, kk).cpu())
+        scale = float(np.float32(s_ak / s_kk)) if s_kk > 0 else 0.0
+        if nx2 - 2 * scale * s_ak + scale * scale * s_kk > self.nu * nx2 * (1 - 1e-7):
+            return None
+        return sink.body(scale, False)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         return decode_values(body, numel, self.name).to(device)
@@ -288,9 +333,9 @@ class SparseDitheringRand(Compressor):
         for s in range(0, d, step):  # chunk by chunk: same stream of uniforms as one call
             x = flat[s:s + step]
             u = x.double().abs_().div_(delta)
-            k = torch.floor(u)
+            f = torch.frac(u)  # u >= 0: exact, and no thread fork (unlike torch.floor)
             rnd = torch.rand(x.numel(), generator=gen, device=flat.device, dtype=torch.float64)
-            k += rnd < u.sub_(k)
+            k = u.sub_(f).add_(rnd < f)
             k = k.to(torch.int64)
             sink.add(torch.where(x < 0, -k, k).cpu())
         return sink.body(delta, self.entropy)
