@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 import gradpress
 from gradpress import bounds as B
 from gradpress.commands.bounds import gradient_vectors
+from gradpress.compressors import _level_codec as lvl
 from gradpress.compressors import sparse_dithering as sdm
+from gradpress.compressors.base import generator_for
 from gradpress.payload import Payload, header_size
 
 
@@ -173,6 +175,41 @@ def test_level_codec_round_trips(levels, entropy, scale):
         nz = int((k != 0).sum())
         assert 8 * len(body) - (33 + sdm.trit_bits(len(levels)) + int(k.abs().sum())) in range(8)
         assert nz <= len(levels)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), nu=st.sampled_from([0.01, 0.1, 0.3]),
+       d=st.integers(1, 700), kind=st.integers(0, 2))
+def test_streaming_grid_search_equals_the_one_shot_reference(seed, nu, d, kind):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.01,
+         torch.randn(d, generator=g) ** 3][kind]
+    c = gradpress.get("sparse_dithering", nu=nu)
+    with pytest.MonkeyPatch.context() as mp:  # many chunks on a small vector
+        mp.setattr(sdm, "CHUNK", 29 * 3)
+        mp.setattr(lvl, "CHUNK", 29 * 2)
+        streamed = c._encode_streaming(x)
+        assert streamed == sdm.encode_levels(*c._levels(x), False)
+        assert torch.equal(c.decode(c.encode(x)), c._decode(streamed, d, 0, x.device))
+
+
+def test_chunked_randomized_encoder_equals_one_shot_stochastic_rounding():
+    d, omega, seed = 1000, 0.5, 3
+    x = torch.randn(d, generator=torch.Generator().manual_seed(9)) * 3
+    c = gradpress.get("sparse_dithering_rand", omega=omega)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdm, "CHUNK", 29 * 4)
+        mp.setattr(lvl, "CHUNK", 29 * 5)
+        body = c.encode(x, seed=seed).body
+        y = c.decode(c.encode(x, seed=seed))
+    a = x.double().abs()
+    delta = float(np.float32(2 * float(a.norm()) * math.sqrt(omega / d)))
+    u = a / delta
+    k = torch.floor(u)
+    k = (k + (torch.rand(d, generator=generator_for(seed), dtype=torch.float64) < u - k)).long()
+    k = torch.where(x < 0, -k, k)
+    assert body == sdm.encode_levels(delta, k, False)
+    assert torch.equal(y, (k.double() * delta).float())
 
 
 # -- Spherical Compression ------------------------------------------------------------------

@@ -35,6 +35,7 @@ _TRIT_BITS = 46  # 3^29 < 2^46
 UNARY, ENTROPY = 0, 1
 #: Coordinates per chunk: a multiple of 29 under ATen's parallel grain size (32768).
 CHUNK = _TRITS * 1100
+_POW3 = torch.tensor([3.0**j for j in range(_TRITS)], dtype=torch.float64)
 _LUT3 = np.array([[(i // 3**j) % 3 for j in range(5)] for i in range(243)], dtype=np.uint8)
 
 
@@ -44,17 +45,16 @@ def trit_bits(d: int) -> int:
     return full * _TRIT_BITS + ((3**r - 1).bit_length() if r else 0)
 
 
-def _trit_groups(t: np.ndarray) -> np.ndarray:
-    """``sum_j t_j 3^j`` of each group of 29 trits (the last group may be short), int64."""
-    full, r = divmod(t.size, _TRITS)
+def _trit_groups(t: torch.Tensor) -> np.ndarray:
+    """``sum_j t_j 3^j`` of each group of 29 trits (the last group may be short), int64: one
+    float64 row sum (every partial sum is an integer below 3^29 < 2^53, hence exact)."""
+    full, r = divmod(t.numel(), _TRITS)
     v = np.zeros(full + (1 if r else 0), dtype=np.int64)
-    g = t[:full * _TRITS].reshape(full, _TRITS)
-    head = v[:full]
-    for j in range(_TRITS - 1, -1, -1):  # Horner over the columns
-        head *= 3
-        head += g[:, j]
-    for j in range(r - 1, -1, -1):
-        v[full] = 3 * v[full] + int(t[full * _TRITS + j])
+    if full:
+        g = t[:full * _TRITS].view(full, _TRITS).double().mul_(_POW3)
+        v[:full] = g.sum(dim=1).long().numpy()
+    if r:
+        v[full] = int((t[full * _TRITS:].double() * _POW3[:r]).sum())
     return v
 
 
@@ -70,7 +70,7 @@ class LevelSink:
 
     def add(self, k: torch.Tensor) -> None:
         """Append levels ``k`` (int64, CPU); every chunk but the last a multiple of 29."""
-        trits = (k > 0).to(torch.uint8).add_((k < 0).to(torch.uint8), alpha=2).numpy()
+        trits = (k > 0).to(torch.uint8).add_((k < 0).to(torch.uint8), alpha=2)
         self.groups.append(_trit_groups(trits))
         mags = k[k != 0].abs_().numpy()
         if mags.size:

@@ -58,11 +58,12 @@ def _frac(a: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     return u - f, f
 
 
-def _gains(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Positions with ``frac > 1/2``, their gains (float64) and histogram bins."""
-    up = torch.nonzero(f > 0.5).reshape(-1)
-    g = (2 * f[up] - 1).double()
-    return up, g, torch.clamp((g * _BINS).long(), 0, _BINS - 1)
+def _bins(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gains ``g = 2 frac - 1`` (float64; 0 where ``frac <= 1/2``) and their bins: ``0`` for
+    ``frac <= 1/2``, else ``1 + floor(4096 g)`` (no compaction: ``nonzero`` is slow)."""
+    g = (2 * f - 1).double()
+    b = torch.clamp((g * _BINS).long(), 0, _BINS - 1).add_(1).mul_(g > 0)
+    return g.clamp_min_(0.0), b
 
 
 def scan(chunks, c: float, budget: float) -> Grid | None:
@@ -74,9 +75,9 @@ def scan(chunks, c: float, budget: float) -> Grid | None:
         k, f = _frac(a, c)
         floor_sum += float(k.sum(dtype=torch.float64))
         sq += float((f * f).sum(dtype=torch.float64))
-        _, g, idx = _gains(f)
-        mass += torch.bincount(idx, weights=g, minlength=_BINS)
-        count += torch.bincount(idx, minlength=_BINS)
+        g, b = _bins(f)
+        mass += torch.bincount(b, weights=g, minlength=_BINS + 1)[1:]
+        count += torch.bincount(b, minlength=_BINS + 1)[1:]
     grid = Grid(c, floor_sum, sq - budget)
     if grid.need <= 0:
         return grid
@@ -99,9 +100,9 @@ def resolve(chunks, grid: Grid, step: int) -> None:
     pos, gains = [], []
     for n, a in enumerate(chunks()):
         _, f = _frac(a, grid.c)
-        up, g, idx = _gains(f)
-        sel = idx == grid.j
-        pos.append(up[sel] + n * step)
+        g, b = _bins(f)
+        sel = torch.nonzero(b == grid.j + 1).reshape(-1)
+        pos.append(sel + n * step)
         gains.append(g[sel])
     where, gs = torch.cat(pos), torch.cat(gains)
     gs, order = torch.sort(gs, descending=True)
@@ -115,8 +116,7 @@ def levels(chunks, grid: Grid, step: int):
     for n, a in enumerate(chunks()):
         k, f = _frac(a, grid.c)
         if grid.need > 0:
-            up, _, idx = _gains(f)
-            k[up[idx > grid.j]] += 1
+            k += _bins(f)[1] > grid.j + 1
             lo, hi = torch.searchsorted(inbin, torch.tensor([n * step, (n + 1) * step])).tolist()
             k[inbin[lo:hi] - n * step] += 1
         yield k.double()
