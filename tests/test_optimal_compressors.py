@@ -180,7 +180,7 @@ def test_level_codec_round_trips(levels, entropy, scale):
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10**6), nu=st.sampled_from([0.01, 0.1, 0.3]),
        d=st.integers(1, 700), kind=st.integers(0, 2))
-def test_streaming_grid_search_equals_the_one_shot_reference(seed, nu, d, kind):
+def test_sparse_dithering_streaming_search_equals_the_one_shot_reference(seed, nu, d, kind):
     g = torch.Generator().manual_seed(seed)
     x = [torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.01,
          torch.randn(d, generator=g) ** 3][kind]
@@ -193,7 +193,7 @@ def test_streaming_grid_search_equals_the_one_shot_reference(seed, nu, d, kind):
         assert torch.equal(c.decode(c.encode(x)), c._decode(streamed, d, 0, x.device))
 
 
-def test_chunked_randomized_encoder_equals_one_shot_stochastic_rounding():
+def test_sparse_dithering_rand_chunked_encoder_equals_one_shot_rounding():
     d, omega, seed = 1000, 0.5, 3
     x = torch.randn(d, generator=torch.Generator().manual_seed(9)) * 3
     c = gradpress.get("sparse_dithering_rand", omega=omega)
