@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _BINS = 4096
@@ -101,7 +102,7 @@ def resolve(chunks, grid: Grid, step: int) -> None:
     for n, a in enumerate(chunks()):
         _, f = _frac(a, grid.c)
         g, b = _bins(f)
-        sel = torch.nonzero(b == grid.j + 1).reshape(-1)
+        sel = torch.from_numpy(np.flatnonzero((b == grid.j + 1).numpy()))
         pos.append(sel + n * step)
         gains.append(g[sel])
     where, gs = torch.cat(pos), torch.cat(gains)
