@@ -387,7 +387,8 @@ def test_gradpress_train_runs_two_ranks_and_writes_json(tmp_path):
     cmd = [sys.executable, "-m", "gradpress", "train", "--nproc", "2", "--task",
            "breast_cancer", "--compressor", "ecq", "--bits", "3", "--max-steps", "6",
            "--eval-every", "3", "--no-plot", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HARD_DEADLINE_S)
+    # torchrun starts three interpreters: 28 s flaked on busy cores.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads((tmp_path / "train.json").read_text())["runs"]["breast_cancer"]
     assert run["steps"] == 6 and len(run["records"]) == 2
