@@ -68,12 +68,17 @@ class LevelSink:
         self.kmax = 0
         self.d = 0
 
-    def add(self, k: torch.Tensor) -> None:
-        """Append levels ``k`` (int64, CPU); every chunk but the last a multiple of 29."""
-        trits = (k > 0).to(torch.uint8).add_((k < 0).to(torch.uint8), alpha=2)
+    def add(self, k: torch.Tensor, neg: torch.Tensor | None = None) -> None:
+        """Append levels (int64, CPU; every chunk but the last a multiple of 29): signed
+        ``k``, or magnitudes ``k >= 0`` with ``neg`` marking the negative coordinates."""
+        if neg is None:
+            neg = k < 0
+            k = k.abs()
+        live = k > 0
+        trits = live.to(torch.uint8).add_(live & neg)  # 0, 1 (positive), 2 (negative)
         self.groups.append(_trit_groups(trits))
         kn = k.numpy()
-        mags = np.abs(kn[kn != 0])  # numpy: torch's boolean-mask select is 50x slower here
+        mags = kn[kn != 0]  # numpy: torch's boolean-mask select is 50x slower here
         if mags.size:
             ends = np.cumsum(mags)
             bits = np.ones(int(ends[-1]), dtype=np.uint8)
@@ -81,7 +86,7 @@ class LevelSink:
             self.unary.append(bits)
             self.kmax = max(self.kmax, int(mags.max()))
         if self.levels is not None:
-            self.levels.append(kn)
+            self.levels.append(np.where(neg.numpy(), -kn, kn))
         self.d += k.numel()
 
     def body(self, scale: float, entropy: bool) -> bytes:
@@ -216,7 +221,8 @@ def decode_values(body: bytes, numel: int, name: str) -> torch.Tensor:
 
     def emit(scale: float, s: int, t: np.ndarray, nz: np.ndarray, mags: np.ndarray) -> None:
         vals = (mags * scale).astype(np.float32)
-        out[s:s + t.size][nz] = np.where(t[nz] == 2, -vals, vals)
+        np.negative(vals, out=vals, where=t[nz] == 2)
+        out[s:s + t.size][nz] = vals
 
     _decode(body, numel, name, emit)
     return torch.from_numpy(out)

@@ -278,8 +278,7 @@ class SparseDithering(Compressor):
             x = flat[n * step:(n + 1) * step]
             s_ak += float((x.double().abs_() * k).sum())
             s_kk += float((k * k).sum())
-            kk = k.to(torch.int64)
-            sink.add(torch.where(x < 0, -kk, kk).cpu())
+            sink.add(k.to("cpu", torch.int64), (x < 0).cpu())
         scale = float(np.float32(s_ak / s_kk)) if s_kk > 0 else 0.0
         if nx2 - 2 * scale * s_ak + scale * scale * s_kk > self.nu * nx2 * (1 - 1e-7):
             return None
@@ -336,8 +335,7 @@ class SparseDitheringRand(Compressor):
             f = torch.frac(u)  # u >= 0: exact, and no thread fork (unlike torch.floor)
             rnd = torch.rand(x.numel(), generator=gen, device=flat.device, dtype=torch.float64)
             k = u.sub_(f).add_(rnd < f)
-            k = k.to(torch.int64)
-            sink.add(torch.where(x < 0, -k, k).cpu())
+            sink.add(k.to("cpu", torch.int64), (x < 0).cpu())
         return sink.body(delta, self.entropy)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
