@@ -46,6 +46,11 @@ so ``body <= 40 + 1.5862 d + sum k_i``. The constant 30 of the paper vs our 40 a
 covered by the ``log2 d`` term and the slack of ``sum k_i`` on every real vector (tested).
 With ``entropy=True`` the signed levels are also range-coded with their own histogram
 (``codec.entropy``: ``n H + O(K log d)``) and the shorter body is sent.
+
+**Implementation.** The bit format lives in ``_level_codec`` (written and read in chunks of
+31900 coordinates); the deterministic unary-mode search streams over the same chunks
+(``_sd_search``, equal to :func:`_budget_round` per grid up to float64 summation order), and
+the randomized encoder draws its uniforms chunk by chunk from the same stream as one call.
 """
 
 from __future__ import annotations
