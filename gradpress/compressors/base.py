@@ -16,6 +16,7 @@ checks, dtype/shape bookkeeping and the :class:`~gradpress.payload.Payload` head
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -145,6 +146,16 @@ class Compressor(ABC):
         stated in the subclass docstring."""
         ndim = 1 if shape is None else len(shape)
         return 8.0 * header_size(ndim, seed=self.shared_randomness) + self.body_bits(d)
+
+    def max_payload_bytes(self, numel: int) -> int | None:
+        """Worst-case ``len(payload.to_bytes())`` for a 1-D tensor of ``numel`` elements over
+        all inputs, or ``None`` when no bound is known. Fixed-length codes
+        (``bits_rtol == 0``) have it from ``expected_bits``; variable-length ones override
+        this where their encoder caps the size (e.g. "the smallest of several codes"). The
+        DDP hook pads every rank's frame to it, so one collective per bucket suffices."""
+        if self.bits_rtol == 0.0:
+            return math.ceil(self.expected_bits(numel) / 8)
+        return None
 
     @abstractmethod
     def body_bits(self, d: int) -> float:

@@ -50,6 +50,7 @@ from gradpress.compressors import _fastcodes as fc
 from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
+from gradpress.payload import header_size
 
 DENSE, SPARSE, ENTROPY = 0, 1, 2
 
@@ -90,6 +91,10 @@ class UniformQuantizer(Compressor):
 
     def body_bits(self, d: int) -> float:
         return float(self._header_bits(d) + d * self.width)
+
+    def max_payload_bytes(self, numel: int) -> int:
+        """The encoder sends the smallest of its codes, so the dense code is the ceiling."""
+        return header_size(1) + math.ceil(UniformQuantizer.body_bits(self, numel) / 8)
 
     def _quantize(self, flat: torch.Tensor, gen: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:

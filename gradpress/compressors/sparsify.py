@@ -29,6 +29,7 @@ from gradpress.compressors import _fastcodes as fc
 from gradpress.compressors.base import Compressor, generator_for
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
+from gradpress.payload import header_size
 
 _FP16_U = 2.0**-11
 
@@ -127,6 +128,13 @@ class TopK(_Sparsifier):
             return 0.0
         idx = k * min(_index_width(d), 2 * math.log2(d / k) + 1)
         return float(self.value_bits * k + 1 + idx)
+
+    def max_payload_bytes(self, numel: int) -> int:
+        """The encoder sends the smaller of its two index codes, so the fixed-width one is
+        the ceiling."""
+        k = self.k_for(numel)
+        body = self.value_bits * k + 1 + k * _index_width(numel) if k else 0
+        return header_size(1) + math.ceil(body / 8)
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         n = flat.numel()

@@ -67,31 +67,11 @@ _MASK = (1 << 64) - 1
 
 
 def payload_bound(compressor: Compressor, numel: int) -> int | None:
-    """Worst-case ``len(payload.to_bytes())`` for a 1-D tensor of ``numel`` elements, or
-    ``None`` when none is known (the hook then gathers lengths first).
-
-    In order: a method ``max_payload_bytes(shape) -> int`` on the compressor; the uniform
-    quantizers (QSGD, ECQ, TernGrad, natural dithering), whose encoder picks the smallest of
-    its codes, so the dense code is the ceiling; top-k, whose fixed-width index code is the
-    ceiling of its two index codes; and every fixed-length code (``bits_rtol == 0``: the
-    size is ``expected_bits`` for every input, e.g. fp32/fp16, sign, rand-k, PowerSGD).
-    ``tests/test_dist.py`` checks each registered compressor against its bound.
-    """
-    fn = getattr(compressor, "max_payload_bytes", None)
-    if callable(fn):
-        return int(fn((numel,)))
-    from gradpress.compressors.dithering import UniformQuantizer
-
-    head = header_size(1, seed=compressor.shared_randomness)
-    if isinstance(compressor, UniformQuantizer):
-        return head + math.ceil(UniformQuantizer.body_bits(compressor, numel) / 8)
-    if compressor.name == "topk":
-        k = compressor.k_for(numel)
-        width = max(1, (numel - 1).bit_length())
-        return head + (math.ceil((compressor.value_bits * k + 1 + k * width) / 8) if k else 0)
-    if compressor.bits_rtol == 0.0:
-        return math.ceil(compressor.expected_bits(numel) / 8)
-    return None
+    """Worst-case ``len(payload.to_bytes())`` for a bucket of ``numel`` elements, or ``None``
+    when none is known (the hook then gathers lengths first): the compressor's own
+    :meth:`~gradpress.compressors.Compressor.max_payload_bytes`. ``tests/test_dist.py``
+    checks every registered compressor against it."""
+    return compressor.max_payload_bytes(numel)
 
 
 def _mix_seed(*parts: int) -> int:
