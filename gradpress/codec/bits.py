@@ -17,6 +17,8 @@ from gradpress.codec import elias
 from gradpress.errors import PayloadError
 
 _BYTE_WIDTHS = {8: ">u1", 16: ">u2", 32: ">u4"}
+#: Longest Elias gamma/delta/omega code word of a value below 2^64 (gamma: 2*63+1 bits).
+_MAX_ELIAS_BITS = 129
 
 
 def uint_to_bits(values: np.ndarray, width: int) -> np.ndarray:
@@ -297,7 +299,16 @@ class BitReader:
     def _read_elias(self, decode, n: int) -> np.ndarray:
         if n < 0 or n > self.remaining:  # every code word has at least one bit
             raise PayloadError(f"cannot read {n} Elias codes from {self.remaining} bits")
-        values, used = decode(self.bits_view(), n)
+        # A code word of a value < 2^64 spans at most _MAX_ELIAS_BITS bits, so the decoder
+        # only needs that window: reading a few counts before a long stream stays O(n).
+        span = min(self.remaining, _MAX_ELIAS_BITS * n)
+        if self._unpacked is not None:
+            window = self._unpacked[self.pos:self.pos + span]
+        else:
+            start = self.pos // 8
+            off = self.pos - 8 * start
+            window = np.unpackbits(self._data[start:(self.pos + span + 7) // 8])[off:off + span]
+        values, used = decode(window, n)
         self.pos += used
         return values
 

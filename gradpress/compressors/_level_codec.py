@@ -22,7 +22,6 @@ import torch
 from gradpress.codec import (
     BitReader,
     BitWriter,
-    gamma_decode,
     read_categorical,
     write_categorical,
 )
@@ -123,23 +122,6 @@ def encode_levels(scale: float, k: torch.Tensor, entropy: bool) -> bytes:
     return sink.body(scale, entropy)
 
 
-class GammaWindowReader(BitReader):
-    """A :class:`BitReader` whose gamma reads unpack only the bits ``n`` codes can span
-    (``129 n``), not the whole rest of the body (``read_categorical`` reads three small
-    gamma groups before a long stream)."""
-
-    def read_gamma(self, n: int) -> np.ndarray:
-        if n < 0 or n > self.remaining:
-            raise PayloadError(f"cannot read {n} Elias codes from {self.remaining} bits")
-        span = min(self.remaining, 129 * n)
-        start = self.pos // 8
-        bits = np.unpackbits(self._data[start:(self.pos + span + 7) // 8])
-        off = self.pos - 8 * start
-        values, used = gamma_decode(bits[off:off + span], n)
-        self.pos += used
-        return values
-
-
 def _read_trits(fr: FieldReader, d: int) -> np.ndarray:
     full, r = divmod(d, _TRITS)
     parts = []
@@ -171,7 +153,7 @@ def _decode(body: bytes, numel: int, name: str, emit) -> float:
     if not math.isfinite(scale) or scale < 0:
         raise PayloadError(f"{name} payload has a bad scale {scale}")
     if int(fr.fixed(1, 1, f"{name} mode")[0]) == ENTROPY:
-        rd = GammaWindowReader(body)
+        rd = BitReader(body)
         rd.pos = fr.pos
         (kp1,) = rd.read_gamma(1)
         kmax = int(kp1) - 1

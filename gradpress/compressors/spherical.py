@@ -41,10 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradpress.codec import BitWriter, read_categorical, write_categorical
+from gradpress.codec import BitReader, BitWriter, read_categorical, write_categorical
 from gradpress.codec.entropy import MAX_ALPHABET
 from gradpress.compressors._fastcodes import FieldReader, pack_fields
-from gradpress.compressors._level_codec import GammaWindowReader
 from gradpress.compressors.base import Compressor, generator_for
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
@@ -161,7 +160,7 @@ class SphericalCompression(Compressor):
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         n = self.block_size
         nb = -(-numel // n)
-        r = GammaWindowReader(body)
+        r = BitReader(body)
         qmin = int(r.read_uint(1, 32)[0]) - (1 << 31)
         sym = read_categorical(r, nb)
         if sym.size and int(sym.max()) > min(MAX_ALPHABET, 2 + DYNAMIC_RANGE / self.mag_step):
