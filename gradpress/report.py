@@ -30,24 +30,48 @@ class Section:
 
     title: str
     text: str = ""
-    tables: list[str] = field(default_factory=list)  # Markdown pipe tables
+    tables: list[str] = field(default_factory=list)  # Markdown: pipe tables and text
     images: list[Path] = field(default_factory=list)
     preformatted: str = ""
 
 
-def markdown_table_to_html(md: str) -> str:
-    """Render a Markdown pipe table (header, separator, rows) as an HTML table."""
-    rows = [r.strip() for r in md.strip().splitlines() if r.strip().startswith("|")]
-    if len(rows) < 2:
-        return f"<pre>{html.escape(md)}</pre>"
-
+def _table_html(rows: list[str]) -> str:
     def cells(row: str) -> list[str]:
-        return [html.escape(c.strip()) for c in row.strip("|").split("|")]
+        return [html.escape(c.strip()) for c in row.strip().strip("|").split("|")]
 
     head = "".join(f"<th>{c}</th>" for c in cells(rows[0]))
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>"
                    for r in rows[2:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if len(rows) > 27:  # long tables fold away so the plots stay in view
+        return f"<details><summary>table of {len(rows) - 2} rows</summary>{table}</details>"
+    return table
+
+
+def markdown_to_html(md: str) -> str:
+    """Render Markdown made of pipe tables and plain paragraphs (what our commands write):
+    each run of ``|``-lines is one table (header, separator, rows), other lines are text."""
+    parts: list[str] = []
+    block: list[str] = []
+    kind = ""
+
+    def flush() -> None:
+        if block and kind == "table" and len(block) >= 2:
+            parts.append(_table_html(block))
+        elif block:
+            parts.append("<p>" + html.escape(" ".join(block)) + "</p>")
+        block.clear()
+
+    for line in md.strip().splitlines():
+        line = line.strip()
+        this = "table" if line.startswith("|") else ("text" if line else "")
+        if this != kind:
+            flush()
+            kind = this
+        if line:
+            block.append(line)
+    flush()
+    return "\n".join(parts)
 
 
 def _image(path: Path) -> str:
@@ -65,8 +89,8 @@ def write_report(path: Path, title: str, sections: list[Section], meta: dict) ->
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.text:
             parts.extend(f"<p>{html.escape(p)}</p>" for p in s.text.split("\n\n"))
-        parts.extend(markdown_table_to_html(t) for t in s.tables)
         parts.extend(_image(p) for p in s.images if Path(p).exists())
+        parts.extend(markdown_to_html(t) for t in s.tables)
         if s.preformatted:
             parts.append(f"<pre>{html.escape(s.preformatted)}</pre>")
     path = Path(path)

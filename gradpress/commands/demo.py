@@ -10,7 +10,7 @@ Steps (each a ``gradpress`` subcommand in its own process, outputs under --out):
 5. ``federated`` Flower clients sending compressed updates (skipped if flwr is missing).
 
 Writes ``<out>/report.html`` (plots embedded) and ``<out>/demo.json``; a step that fails is
-reported in both and makes the exit status non-zero. About 5-8 minutes on 2 cores.
+reported in both and makes the exit status non-zero. About 3 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ HELP = "run the main job and write gradpress-demo/report.html"
 
 STEPS: list[tuple[str, str, list[str]]] = [
     ("bounds", "Lower bounds on bits against measured compressors",
-     ["bounds", "--samples", "2"]),
+     ["bounds"]),
     ("ecq_linear", "ECQ-SGD on least squares (Wu et al. 2018, Sec. 6.1)",
-     ["simulate", "ecq-linear", "--quick"]),
+     ["simulate", "ecq-linear", "--dims", "256,1024", "--iters", "800"]),
     ("train_digits", "DDP training on digits, 2 gloo ranks: ECQ 2-bit vs plain DDP",
      ["train", "--nproc", "2", "--task", "digits", "--compressor", "ecq", "--bits", "2",
       "--compare", "--epochs", "8"]),
