@@ -4,16 +4,11 @@ with a short process-group timeout, and the parent kills children past a hard de
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import multiprocessing as mp
-import os
-import tempfile
 import time
-import traceback
 
 import pytest
 import torch
+from dist_harness import digest, run_ranks, small_model
 
 import gradpress
 from gradpress.dist import CompressionState, payload_bound
@@ -25,68 +20,13 @@ HARD_DEADLINE_S = 28
 
 
 def _run_ranks(target, *args, deadline: float = HARD_DEADLINE_S) -> list[dict]:
-    """Run ``target(rank, store_path, *args) -> dict`` on 2 spawned ranks; return the dicts.
-    Children still alive at ``deadline`` are killed and the test fails (never hangs)."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_child, args=(q, r, store, target, args)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        results: dict[int, dict] = {}
-        end = time.monotonic() + deadline
-        try:
-            while len(results) < WORLD and time.monotonic() < end:
-                try:
-                    rank, res = q.get(timeout=max(0.1, min(1.0, end - time.monotonic())))
-                    results[rank] = res
-                except Exception:  # queue.Empty
-                    if all(not p.is_alive() for p in procs) and q.empty():
-                        break
-        finally:
-            for p in procs:
-                p.join(timeout=max(0.1, end - time.monotonic()))
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        if len(results) < WORLD:
-            pytest.fail(f"ranks {sorted(set(range(WORLD)) - set(results))} reported nothing "
-                        f"within {deadline} s (hung or crashed); got {results}")
-        return [results[r] for r in range(WORLD)]
-
-
-def _child(q, rank, store, target, args):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=WORLD, timeout=dt.timedelta(seconds=PG_TIMEOUT_S))
-        res = target(rank, *args)
-    except BaseException as e:  # report, never hang the parent
-        res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-    q.put((rank, res))
-    try:
-        dist.destroy_process_group()
-    except Exception:
-        pass
+    """Run ``target(rank, *args) -> dict`` on 2 spawned ranks; return the dicts in rank order
+    (children still alive at ``deadline`` are killed and the test fails, never hangs)."""
+    results, _ = run_ranks(target, WORLD, *args, deadline=deadline, pg_timeout=PG_TIMEOUT_S)
+    return [results[r] for r in range(WORLD)]
 
 
 # --- what the ranks run --------------------------------------------------------------------
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(1234)
-    return torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
-                               torch.nn.ReLU(), torch.nn.Linear(32, 5))
-
-
-def _digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
 
 def _train(rank: int, configs: list[dict], steps: int = 4) -> dict:
     """Train one small DDP model per config (several buckets); report digests and bytes."""
@@ -96,7 +36,7 @@ def _train(rank: int, configs: list[dict], steps: int = 4) -> dict:
 
     out = {}
     for cfg in configs:
-        model = DDP(_model(), bucket_cap_mb=0.0004)  # 100 floats a bucket: one per layer
+        model = DDP(small_model(), bucket_cap_mb=0.0004)  # 100 floats a bucket: one per layer
         fb = gradpress.feedback.get(cfg.get("feedback", "none"))
         state = CompressionState(None, compressor=cfg["compressor"], feedback=fb,
                                  compressor_kwargs=cfg.get("kwargs"),
@@ -116,7 +56,7 @@ def _train(rank: int, configs: list[dict], steps: int = 4) -> dict:
                                 "gathered": s.gathered_payload_bytes, "buckets": s.buckets,
                                 "lengths": dict(s.payload_lengths)})
         out[cfg["label"]] = {
-            "digest": _digest(model.module), "steps": steps_bytes,
+            "digest": digest(model.module), "steps": steps_bytes,
             "bucket_numel": dict(state.bucket_numel), "iter": state.iter,
             "total_payload": state.total_payload_bytes, "fb_keys": fb.keys(),
         }
@@ -187,7 +127,7 @@ def test_unbounded_gather_counts_real_lengths(trained):
 
 def test_fp16_fast_path_counts_two_bytes_per_coordinate(trained):
     r0 = trained[0]["fp16-allreduce"]
-    numel = sum(p.numel() for p in _model().parameters())
+    numel = sum(p.numel() for p in small_model().parameters())
     assert r0["steps"][-1]["payload"] == r0["steps"][-1]["wire"] == 2 * numel
 
 
@@ -203,7 +143,7 @@ def _crash_or_train(rank: int) -> dict:
 
     from gradpress.dist import compression_hook
 
-    model = DDP(_model(), bucket_cap_mb=0.0004)
+    model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2})
     model.register_comm_hook(state, compression_hook)
     t0 = time.monotonic()
@@ -230,7 +170,7 @@ def _nan_on_rank1(rank: int, mode: str) -> dict:
 
     from gradpress.dist import compression_hook
 
-    model = DDP(_model(), bucket_cap_mb=0.0004)
+    model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
                              feedback=gradpress.ErrorFeedback(), on_nonfinite=mode)
     model.register_comm_hook(state, compression_hook)
@@ -245,7 +185,7 @@ def _nan_on_rank1(rank: int, mode: str) -> dict:
         except Exception as e:
             caught = f"{type(e).__name__}: {e}"
             break
-    return {"caught": caught, "digest": _digest(model.module),
+    return {"caught": caught, "digest": digest(model.module),
             "skipped": [s.skipped for s in state.history]}
 
 
@@ -254,7 +194,7 @@ def _fp16_overflow_on_rank1(rank: int) -> dict:
 
     from gradpress.dist import compression_hook
 
-    model = DDP(_model(), bucket_cap_mb=0.0004)
+    model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="fp16", allreduce_fast_path=False)
     model.register_comm_hook(state, compression_hook)
     x = torch.randn(8, 20) * (1e7 if rank == 1 else 1.0)  # rank 1's gradient exceeds fp16

@@ -19,94 +19,16 @@ Edge cases through the hook (what holds, and what does not apply):
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import multiprocessing as mp
 import os
-import queue
 import signal
-import tempfile
 import time
-import traceback
 
 import pytest
 import torch
+from dist_harness import HARD_DEADLINE_S, PG_TIMEOUT_S, digest, run_ranks, small_model
 
 import gradpress
 from gradpress.dist import CompressionState
-
-PG_TIMEOUT_S = 5
-HARD_DEADLINE_S = 28
-
-
-def run_ranks(target, world: int, *args, expect: list[int] | None = None,
-              deadline: float = HARD_DEADLINE_S) -> tuple[dict[int, dict], dict[int, int]]:
-    """Run ``target(rank, *args) -> dict`` on ``world`` spawned gloo ranks.
-
-    Returns ``(results by rank, exit codes by rank)``. Waits only for the ranks in
-    ``expect`` (default: all) to report; any child still alive after that, or at
-    ``deadline``, is killed (so a hang fails the test instead of blocking it)."""
-    expect = list(range(world)) if expect is None else expect
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    results: dict[int, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_child, args=(q, r, world, store, target, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        end = time.monotonic() + deadline
-        try:
-            while not set(expect) <= set(results) and time.monotonic() < end:
-                try:
-                    rank, res = q.get(timeout=max(0.1, min(1.0, end - time.monotonic())))
-                    results[rank] = res
-                except queue.Empty:
-                    if all(not p.is_alive() for p in procs) and q.empty():
-                        break
-        finally:
-            for p in procs:
-                p.join(timeout=max(0.1, min(1.0, end - time.monotonic())))
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        codes = {r: p.exitcode for r, p in enumerate(procs)}
-    missing = sorted(set(expect) - set(results))
-    if missing:
-        pytest.fail(f"ranks {missing} reported nothing within {deadline} s (hung or "
-                    f"crashed); got {results}, exit codes {codes}")
-    return results, codes
-
-
-def _child(q, rank, world, store, target, args):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=world, timeout=dt.timedelta(seconds=PG_TIMEOUT_S))
-        res = target(rank, *args)
-    except BaseException as e:  # report, never hang the parent
-        res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-    q.put((rank, res))
-    try:
-        dist.destroy_process_group()
-    except Exception:
-        pass
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(1234)
-    return torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32),
-                               torch.nn.ReLU(), torch.nn.Linear(32, 5))
-
-
-def _digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _ddp(model: torch.nn.Module, state: CompressionState | None):
@@ -126,7 +48,7 @@ FAULT_STEP = 2
 
 
 def _train_with_fault(rank: int, fault: str) -> dict:
-    model = _ddp(_model(), CompressionState(None, compressor="ecq",
+    model = _ddp(small_model(), CompressionState(None, compressor="ecq",
                                             compressor_kwargs={"bits": 2},
                                             feedback=gradpress.ECQFeedback()))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -186,7 +108,7 @@ def _skip_run(rank: int) -> dict:
     """The documented loop: skip optimizer.step() when state.last_step.skipped. Step 2: NaN
     input on rank 1 (every bucket non-finite); step 4: Inf in the first layer's gradient
     only (the last bucket), after the other buckets already committed their feedback."""
-    inner = _model()
+    inner = small_model()
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
                              feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9),
                              on_nonfinite="skip")
@@ -219,7 +141,7 @@ def _skip_run(rank: int) -> dict:
     snaps.append(_snapshot(inner, opt, state))
     return {"skipped": skipped, "buckets": state.last_step.buckets,
             "untouched": [_same(snaps[i], snaps[i + 1]) for i in range(6)],
-            "digest": _digest(inner), "fb_keys": state.feedback.keys()}
+            "digest": digest(inner), "fb_keys": state.feedback.keys()}
 
 
 def _edge_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -288,7 +210,7 @@ def _crc_run(rank: int, crc: bool) -> dict:
 
     hook.allgather_bytes_async = corrupting
     try:
-        inner = _model()
+        inner = small_model()
         state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
                                  crc=crc)
         model = _ddp(inner, state)
@@ -302,7 +224,7 @@ def _crc_run(rank: int, crc: bool) -> dict:
                 buckets = buckets or state.last_step.buckets
         except Exception as e:  # noqa: BLE001
             return {"caught": f"{type(e).__name__}: {e}", "buckets": buckets}
-        return {"caught": None, "digest": _digest(inner), "buckets": buckets,
+        return {"caught": None, "digest": digest(inner), "buckets": buckets,
                 "wire": state.last_step.wire_bytes, "payload": state.last_step.payload_bytes}
     finally:
         hook.allgather_bytes_async = real

@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from test_faults import run_ranks
+from dist_harness import run_ranks
 
 import gradpress
 from gradpress.dist import CompressionState
@@ -98,12 +98,12 @@ K, M = 3, 3
 
 
 def _setup(stable_buckets: bool = True):
-    from test_faults import _model
+    from dist_harness import small_model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from gradpress.dist import compression_hook
 
-    inner = _model()
+    inner = small_model()
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
                              feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9), seed=11)
     # find_unused_parameters=True: DDP never rebuilds its buckets, so a fresh process has
