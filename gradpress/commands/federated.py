@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import gradpress
-    from gradpress.commands.netmodel import parse_spec
+    from gradpress.compressors.registry import parse_spec
     from gradpress.dist import flower as fl
 
     engine = args.engine

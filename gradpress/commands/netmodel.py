@@ -19,12 +19,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime as _dt
 import json
 import platform
 from pathlib import Path
 from typing import Any
+
+from gradpress.compressors.registry import parse_spec
 
 HELP = "performance model: predicted speedup vs workers and bandwidth, calibrated here"
 
@@ -61,21 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="where to calibrate compute and codecs (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"qsgd:s=4;bits=2"`` -> ``("qsgd", {"s": 4, "bits": 2})``."""
-    name, _, rest = spec.strip().partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(";"))):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ValueError(f"bad compressor option {item!r} in {spec!r}; use key=value")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(val.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = val.strip()
-    return name, kwargs
 
 
 def _load_measured(args: argparse.Namespace) -> list[dict[str, Any]]:

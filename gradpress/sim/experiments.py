@@ -26,7 +26,6 @@ does not take, is skipped with a printed note. Every size is ``len(payload.to_by
 
 from __future__ import annotations
 
-import ast
 import datetime as _dt
 import math
 import platform
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 import gradpress
+from gradpress.compressors.registry import parse_spec
 from gradpress.sim.data import split
 from gradpress.sim.loop import Curve, Method, Simulation
 from gradpress.sim.problems import Problem, real_dataset, synthetic_linear
@@ -48,23 +48,9 @@ def parse_method(spec: str) -> Method:
     """``"name[:k=v;k=v][+feedback[:k=v;...]]"`` -> :class:`Method` (label = the spec)."""
     spec = spec.strip()
     comp_part, _, fb_part = spec.partition("+")
-    name, kw = _parse_kv(comp_part)
-    fb_name, fb_kw = _parse_kv(fb_part) if fb_part else ("none", {})
+    name, kw = parse_spec(comp_part)
+    fb_name, fb_kw = parse_spec(fb_part) if fb_part else ("none", {})
     return Method(spec, name, kw, fb_name, fb_kw)
-
-
-def _parse_kv(text: str) -> tuple[str, dict[str, Any]]:
-    name, _, rest = text.strip().partition(":")
-    kw: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(";"))):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ValueError(f"bad option {item!r} in {text!r}; use key=value")
-        try:
-            kw[key.strip()] = ast.literal_eval(val.strip())
-        except (ValueError, SyntaxError):
-            kw[key.strip()] = val.strip()
-    return name.strip(), kw
 
 
 def usable(methods: list[Method], note: Note = print) -> list[Method]:
