@@ -109,11 +109,7 @@ class Compressor(ABC):
     def decode(self, payload: Payload | bytes, *, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
         """Reconstruct ``C(x)`` from the payload alone, with ``x``'s shape and dtype."""
-        if not isinstance(payload, Payload):
-            payload = Payload.from_bytes(payload)
-        if payload.compressor_id != self.compressor_id:
-            raise PayloadError(f"payload was made by compressor id {payload.compressor_id}, "
-                               f"this is {self.name!r} (id {self.compressor_id})")
+        payload = self._own_payload(payload)
         n = payload.numel
         if n == 0:
             if payload.body:
@@ -125,6 +121,15 @@ class Compressor(ABC):
                 raise PayloadError(f"decoded {tuple(flat.shape)} values, header declares {n}")
             flat = _finite_in(flat, payload.dtype)
         return flat.reshape(payload.shape).to(payload.dtype)
+
+    def _own_payload(self, payload: Payload | bytes) -> Payload:
+        """Parse bytes if needed and check the payload was made by this compressor."""
+        if not isinstance(payload, Payload):
+            payload = Payload.from_bytes(payload)
+        if payload.compressor_id != self.compressor_id:
+            raise PayloadError(f"payload was made by compressor id {payload.compressor_id}, "
+                               f"this is {self.name!r} (id {self.compressor_id})")
+        return payload
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         """``decode(encode(x))`` through real bytes, on ``x``'s device."""

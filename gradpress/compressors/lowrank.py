@@ -117,11 +117,7 @@ class PowerSGD(Compressor):
 
     def decode(self, payload: Payload | bytes, *, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
-        if not isinstance(payload, Payload):
-            payload = Payload.from_bytes(payload)
-        if payload.compressor_id != self.compressor_id:
-            raise PayloadError(f"payload was made by compressor id {payload.compressor_id}, "
-                               f"this is {self.name!r} (id {self.compressor_id})")
+        payload = self._own_payload(payload)
         n, shape = payload.numel, payload.shape
         if n == 0:
             if payload.body:
