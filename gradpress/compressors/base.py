@@ -52,7 +52,7 @@ def check_gradient(x: torch.Tensor, what: str = "gradient") -> torch.Tensor:
     return flat.float()
 
 
-def _finite_in(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def check_decoded(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Reject non-finite decoded values (corrupt bytes) and saturate values beyond the range
     of a narrow output dtype (e.g. a QSGD level equal to a fp16 tensor's norm > 65504), so
     a decoder never hands the caller NaN or Inf."""
@@ -119,7 +119,7 @@ class Compressor(ABC):
             flat = self._decode(payload.body, n, payload.seed or 0, torch.device(device))
             if flat.shape != (n,):
                 raise PayloadError(f"decoded {tuple(flat.shape)} values, header declares {n}")
-            flat = _finite_in(flat, payload.dtype)
+            flat = check_decoded(flat, payload.dtype)
         return flat.reshape(payload.shape).to(payload.dtype)
 
     def _own_payload(self, payload: Payload | bytes) -> Payload:
