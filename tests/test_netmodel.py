@@ -197,7 +197,7 @@ def test_netmodel_cli_writes_plots_json_and_validation(tmp_path):
 
 
 def test_parse_spec_reads_typed_options():
-    from gradpress.compressors.registry import parse_spec
+    from gradpress.specs import parse_spec
 
     assert parse_spec("qsgd:s=4;entropy=True;norm=linf") == (
         "qsgd", {"s": 4, "entropy": True, "norm": "linf"})

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import gradpress
-    from gradpress.compressors.registry import parse_spec
     from gradpress.dist import flower as fl
+    from gradpress.specs import parse_spec
 
     engine = args.engine
     if engine == "auto":

@@ -25,7 +25,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from gradpress.compressors.registry import parse_spec
+from gradpress.specs import parse_spec
 
 HELP = "performance model: predicted speedup vs workers and bandwidth, calibrated here"
 

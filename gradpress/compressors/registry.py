@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from typing import Any, TypeVar
 
 from gradpress.compressors.base import Compressor
@@ -42,18 +41,3 @@ def available() -> list[str]:
 def class_for_id(compressor_id: int) -> type[Compressor]:
     return _BY_ID[compressor_id]
 
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """A compressor spec as the CLIs take it: ``"qsgd:s=4;entropy=True"`` ->
-    ``("qsgd", {"s": 4, "entropy": True})``; values are Python literals, else strings."""
-    name, _, rest = spec.strip().partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(";"))):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ValueError(f"bad compressor option {item!r} in {spec!r}; use key=value")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(val.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = val.strip()
-    return name.strip(), kwargs

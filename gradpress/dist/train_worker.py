@@ -81,7 +81,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 def compressor_kwargs(name: str, bits: int | None, extra: str) -> dict[str, Any]:
     """``--bits`` and ``--compressor-args`` as constructor kwargs of compressor ``name``."""
-    from gradpress.compressors.registry import parse_spec
+    from gradpress.specs import parse_spec
 
     kw = parse_spec(f"{name}:{extra}")[1] if extra else {}
     if bits is not None:

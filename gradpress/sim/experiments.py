@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 import gradpress
-from gradpress.compressors.registry import parse_spec
 from gradpress.sim.data import split
 from gradpress.sim.loop import Curve, Method, Simulation
 from gradpress.sim.problems import Problem, real_dataset, synthetic_linear
+from gradpress.specs import parse_spec
 
 Note = Callable[[str], None]
 
