@@ -121,17 +121,23 @@ def test_ecq_update_is_the_papers_recursion():
         assert torch.allclose(fb.state("k")["h"], h, atol=1e-5)
 
 
+def _full_precision_losses(sim, lr: float, iters: int) -> list[float]:
+    """Loss after each step of plain full-precision gradient descent (the reference)."""
+    w = torch.zeros(sim.d)
+    ref = [sim.problem.loss(w)]
+    for _ in range(iters):
+        w = w - lr * sim.worker_grads(w, None).mean(dim=0)
+        ref.append(sim.problem.loss(w))
+    return ref
+
+
 @pytest.mark.parametrize("name,kw", [("none", {}), ("ecq", {"alpha": 0.5, "beta": 0.9}),
                                      ("ecq", {"alpha": 1.0, "beta": 0.3}), ("ef", {})])
 def test_identity_compressor_makes_feedback_equal_full_precision_sgd_exactly(name, kw):
     sim, lr, iters = _sim(), 0.1, 40
     curve = sim.run(Method(name, "fp32", feedback=name, feedback_kw=kw), iters=iters, lr=lr,
                     record_every=1, progress=False)
-    w = torch.zeros(sim.d)
-    ref = [sim.problem.loss(w)]
-    for _ in range(iters):
-        w = w - lr * sim.worker_grads(w, None).mean(dim=0)
-        ref.append(sim.problem.loss(w))
+    ref = _full_precision_losses(sim, lr, iters)
     assert curve.loss == ref
 
 
@@ -140,11 +146,7 @@ def test_identity_compressor_makes_ef21_equal_full_precision_sgd_up_to_rounding(
     sim, lr, iters = _sim(), 0.1, 40
     curve = sim.run(Method("ef21", "fp32", feedback="ef21"), iters=iters, lr=lr,
                     record_every=1, progress=False)
-    w = torch.zeros(sim.d)
-    ref = [sim.problem.loss(w)]
-    for _ in range(iters):
-        w = w - lr * sim.worker_grads(w, None).mean(dim=0)
-        ref.append(sim.problem.loss(w))
+    ref = _full_precision_losses(sim, lr, iters)
     np.testing.assert_allclose(curve.loss, ref, rtol=1e-5)
 
 
