@@ -5,8 +5,9 @@ A fixed-width field of ``n`` values of ``w`` bits costs exactly ``n*w`` bits; a 
 padded to a whole byte only once, at the end (``BitWriter.getvalue``).
 
 Nothing here loops over elements in Python: values become an ``(n, w)`` bit matrix with
-shifts and masks, and ``np.packbits``/``np.unpackbits`` do the rest. Widths 8, 16 and 32
-at a byte boundary take a direct byte-copy path.
+shifts and masks, and ``np.packbits``/``np.unpackbits`` do the rest; fixed widths 1..8 go
+through the compiled kernels of :mod:`gradpress.codec.packing`. Widths 8, 16 and 32 at a byte
+boundary take a direct byte-copy path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradpress.codec import elias
+from gradpress.codec.packing import pack_uint8, unpack_uint8
 from gradpress.errors import PayloadError
 
 _BYTE_WIDTHS = {8: ">u1", 16: ">u2", 32: ">u4"}
@@ -47,84 +49,6 @@ def bits_to_uint(bits: np.ndarray, width: int) -> np.ndarray:
         return (m * weights).sum(axis=1, dtype=np.uint64)
     weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
     return (m.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-
-
-def pack_uint8(values: np.ndarray, width: int) -> np.ndarray:
-    """Packed bytes (MSB first, last byte zero-padded) of ``values`` in ``width`` bits each,
-    ``width`` in 1..8, equal to ``np.packbits(uint_to_bits(values, width))``.
-
-    Widths 1, 2, 4, 8 use shifts on ``uint8`` lanes; 3, 5, 6, 7 pack groups of 8 values into
-    ``width`` bytes through one ``uint64`` word each. Values must already fit (unchecked).
-    Shift counts are Python ints: numpy's ops with a numpy-scalar operand are ~2-10x slower.
-    """
-    if not 1 <= width <= 8:
-        raise ValueError(f"pack_uint8 takes widths 1..8, got {width}")
-    v = np.ascontiguousarray(values).reshape(-1).astype(np.uint8, copy=False)
-    n = v.size
-    per = 8 // width if 8 % width == 0 else 0
-    if per:
-        if n % per:
-            v = np.concatenate([v, np.zeros(per - n % per, dtype=np.uint8)])
-        if width == 8:
-            return v
-        if width == 1:
-            return np.packbits(v)
-        if width == 2:  # four values per little-endian uint32, shifted into one byte
-            x = v.view("<u4")
-            return (((x & 3) << 6) | ((x >> 4) & 0x30) | ((x >> 14) & 0xC) | (x >> 24)
-                    ).astype(np.uint8)
-        g = v.reshape(-1, per)
-        out = g[:, 0] << (8 - width)
-        for i in range(1, per):
-            out |= g[:, i] << (8 - width * (i + 1))
-        return out
-    if n % 8:
-        v = np.concatenate([v, np.zeros(8 - n % 8, dtype=np.uint8)])
-    # SWAR: the 8 bytes of a group as one little-endian word, merged pairwise in 3 steps
-    # (bytes -> 2w-bit, -> 4w-bit, -> 8w-bit fields), then its low w bytes big-endian.
-    x = v.view("<u8")
-    p = ((x & 0x00FF00FF00FF00FF) << width) | ((x >> 8) & 0x00FF00FF00FF00FF)
-    q = ((p & 0x0000FFFF0000FFFF) << (2 * width)) | ((p >> 16) & 0x0000FFFF0000FFFF)
-    o = ((q & 0xFFFFFFFF) << (4 * width)) | (q >> 32)
-    out = o.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width:]
-    return out.reshape(-1)[:(n * width + 7) // 8]
-
-
-def unpack_uint8(data: np.ndarray, n: int, width: int) -> np.ndarray:
-    """Inverse of :func:`pack_uint8`: ``n`` values (``uint8``) from packed bytes ``data``
-    (at least ``ceil(n*width/8)`` of them; extra bytes are ignored)."""
-    if not 1 <= width <= 8:
-        raise ValueError(f"unpack_uint8 takes widths 1..8, got {width}")
-    nbytes = (n * width + 7) // 8
-    d = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if d.size < nbytes:
-        raise ValueError(f"{d.size} bytes cannot hold {n} fields of {width} bits")
-    d = d[:nbytes]
-    if width == 8:
-        return d.copy()
-    if width == 1:
-        return np.unpackbits(d, count=n)
-    if 8 % width == 0:
-        per = 8 // width
-        mask = (1 << width) - 1
-        out = np.empty((nbytes, per), dtype=np.uint8)
-        for i in range(per):
-            np.bitwise_and(d >> (8 - width * (i + 1)), mask, out=out[:, i])
-        return out.reshape(-1)[:n]
-    groups = -(-n // 8)
-    padded = np.zeros((groups, 8), dtype=np.uint8)
-    body = np.zeros(groups * width, dtype=np.uint8)
-    body[:nbytes] = d
-    padded[:, 8 - width:] = body.reshape(groups, width)
-    # Inverse of pack_uint8's SWAR merge: split 8w-bit words into bytes in 3 steps.
-    o = padded.view(">u8").reshape(-1).astype("<u8")
-    m4, m2, m1 = (1 << 4 * width) - 1, (1 << 2 * width) - 1, (1 << width) - 1
-    q = (o >> (4 * width)) | ((o & m4) << 32)
-    m2 = m2 | (m2 << 32)
-    p = ((q >> (2 * width)) & m2) | ((q & m2) << 16)
-    m1 = m1 * 0x0001000100010001
-    x = ((p >> width) & m1) | ((p & m1) << 8)
-    return x.view(np.uint8)[:n]
 
 
 def width_for(max_value: int) -> int:

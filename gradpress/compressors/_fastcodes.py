@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import prange
 
+from gradpress import _jit
+from gradpress._jit import kernel, launch, serial
 from gradpress.errors import PayloadError
 
 #: Elements per chunk on CPU: 125 KiB of float32 stays in cache across the pipeline's ops,
@@ -120,73 +123,154 @@ def _row_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
     raise ValueError(f"unknown norm {norm!r}")
 
 
+def stream_keys(seed: int) -> tuple[np.uint32, np.uint32]:
+    """Two 32-bit keys of the counter-based dither stream, from a 64-bit ``seed`` through
+    splitmix64 (so nearby seeds give unrelated keys)."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return np.uint32(z & 0xFFFFFFFF), np.uint32(z >> 32)
+
+
+@serial
+def _mix32(h):  # pragma: no cover - compiled
+    # "lowbias32" (C. Wellons' hash prospector): a bijective 32-bit mixer. numba widens
+    # uint32 products to 64 bits, so each product is cut back to 32.
+    h = np.uint32(h ^ (h >> np.uint32(16)))
+    h = np.uint32(h * np.uint32(0x7FEB352D))
+    h = np.uint32(h ^ (h >> np.uint32(15)))
+    h = np.uint32(h * np.uint32(0x846CA68B))
+    return np.uint32(h ^ (h >> np.uint32(16)))
+
+
+@serial
+def _dither(i, k0, k1):  # pragma: no cover - compiled
+    # 24 uniform bits for element i, scaled into [0, 1): exact in float32.
+    h = _mix32(np.uint32(_mix32(np.uint32(np.uint32(i) ^ k0)) ^ k1))
+    return np.float32(h >> np.uint32(8)) * np.float32(2.0**-24)
+
+
+#: Elements per parallel work item of the CPU kernels.
+TILE = 1 << 14
+
+
+@kernel
+def _bucket_norms(x, b, l2, out):  # pragma: no cover - compiled
+    n = x.size
+    for j in prange(out.size):
+        if l2:
+            acc = 0.0
+            for i in range(j * b, min(n, (j + 1) * b)):
+                acc += np.float64(x[i]) * np.float64(x[i])
+            out[j] = np.float32(np.sqrt(acc))
+        else:
+            m = np.float32(0.0)
+            for i in range(j * b, min(n, (j + 1) * b)):
+                m = max(m, abs(x[i]))
+            out[j] = m
+
+
+@kernel
+def _quantize(x, b, a, c, top, k0, k1, out):  # pragma: no cover - compiled
+    n = x.size
+    for t in prange((n + TILE - 1) // TILE):
+        s = t * TILE
+        e = min(n, s + TILE)
+        while s < e:  # one bucket's part of the tile at a time
+            j = s // b
+            stop = min(e, (j + 1) * b)
+            aj = a[j]
+            for i in range(s, stop):
+                u = x[i] * aj + c
+                f = np.float32(np.int32(u))  # u >= 0 up to rounding: truncation is floor
+                if _dither(i, k0, k1) < u - f:
+                    f += np.float32(1.0)
+                out[i] = np.uint8(min(max(f, np.float32(0.0)), top))
+            s = stop
+
+
+@kernel
+def _dequantize(sym, b, inv, c, out):  # pragma: no cover - compiled
+    n = sym.size
+    for t in prange((n + TILE - 1) // TILE):
+        s = t * TILE
+        e = min(n, s + TILE)
+        while s < e:
+            j = s // b
+            stop = min(e, (j + 1) * b)
+            m = inv[j]
+            for i in range(s, stop):
+                out[i] = (np.float32(sym[i]) - c) * m
+            s = stop
+
+
+def bucket_scales(flat: torch.Tensor, bucket_size: int | None, norm: str) -> torch.Tensor:
+    """Per-bucket ``l2`` or ``linf`` norm (float32, on ``flat``'s device); a compiled kernel
+    on CPU when there are enough buckets to share out, torch's reductions otherwise."""
+    n = flat.numel()
+    b = min(bucket_size or n, n)
+    nb = n_buckets(n, b)
+    if flat.device.type != "cpu" or nb < 4 * _jit.threads() or norm not in ("l2", "linf"):
+        return bucket_reduce(flat, b, norm)
+    out = np.empty(nb, dtype=np.float32)
+    launch(_bucket_norms, flat.numpy(), b, norm == "l2", out)
+    return torch.from_numpy(out)
+
+
 def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain: float,
-                    c: float, levels: int, gen: torch.Generator
+                    c: float, levels: int, seed: int, gen: torch.Generator
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bucket scale ``M_j`` (``norm`` of the bucket) and ``uint8`` symbols of
     ``floor(a_j x_i + c + r_i)`` with ``a_j = gain / M_j`` (0 for an all-zero bucket),
-    clipped to ``[0, levels-1]``. On CPU with buckets no longer than a chunk, the scales
-    are computed inside the chunk loop, so ``x`` is read from memory once."""
+    clipped to ``[0, levels-1]``.
+
+    On CPU the dither ``r_i`` is counter-based: 24 bits of ``mix(mix(i ^ k0) ^ k1)`` with
+    keys from ``seed`` (:func:`stream_keys`), so the kernel runs in parallel and the bytes do
+    not depend on the thread count. Rounding up then happens with probability
+    ``ceil(2^24 frac)/2^24``: unbiased to within ``2^-24`` of a grid step. Other devices use
+    ``gen`` (torch's generator for ``seed``), so their bytes differ from the CPU's.
+    """
     n = flat.numel()
     b = min(bucket_size or n, n)
-    chunk = chunk_len()
-    fused = flat.device.type == "cpu" and b <= chunk
-    if fused:
-        scale = torch.empty(n_buckets(n, b), device=flat.device)
-    else:
-        scale = bucket_reduce(flat, b, norm)
-        check_scales(scale)
-    a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale)) if not fused else None
-    out = torch.empty(n, dtype=torch.uint8, device=flat.device)
-    m = min(n, chunk) if flat.device.type == "cpu" else n
-    ubuf = torch.empty(m, device=flat.device)
-    fbuf = torch.empty(m, device=flat.device)
-    rbuf = torch.empty(m, device=flat.device)
-    ibuf = torch.empty(m, dtype=torch.int32, device=flat.device)
-    for s0, j, rows, w in _row_blocks(n, b, flat.device):
-        k = rows * w
-        x = flat[s0:s0 + k].view(rows, w)
-        if fused:
-            sc = scale[j:j + rows]
-            sc.copy_(_row_norm(x, norm))
-            aj = torch.where(sc > 0, gain / sc, torch.zeros_like(sc))
-        else:
-            aj = a[j:j + rows]
-        u = ubuf[:k].view(rows, w)
-        fl = fbuf[:k].view(rows, w)
-        torch.mul(x, aj[:, None], out=u)
-        u.add_(c)
-        # floor through an int32 round trip (u >= 0 up to rounding, so truncation is floor):
-        # torch.floor/ceil go through VML kernels that fork threads even for small chunks,
-        # which stalls badly on a busy machine.
-        ib = ibuf[:k].view(rows, w)
-        fl.copy_(ib.copy_(u))
-        u.sub_(fl)  # exact fractional part: a point on the grid is never moved
-        # r = (31 random bits) * 2^-31: random_ on int32 is ~1.6x faster than uniform_ on
-        # CPU; rounding to float keeps r's CDF within 2^-25 of uniform on [0, 1].
-        rb = rbuf[:k].view(rows, w)
-        rb.copy_(ib.random_(generator=gen)).mul_(2.0**-31)
-        # sign(frac - r) > 0 exactly when r < frac (the sign of a float difference is exact);
-        # float ops only, much cheaper than a bool comparison on CPU.
-        fl.add_(u.sub_(rb).sign_().clamp_(min=0.0)).clamp_(0.0, levels - 1)
-        out[s0:s0 + k].copy_(fl.view(-1))
-    if fused:
-        check_scales(scale)
-    return scale, out
+    scale = bucket_scales(flat, b, norm)
+    check_scales(scale)
+    a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale))
+    if flat.device.type == "cpu":
+        out = np.empty(n, dtype=np.uint8)
+        k0, k1 = stream_keys(seed)
+        launch(_quantize, flat.numpy(), b, a.numpy(), np.float32(c), np.float32(levels - 1),
+               k0, k1, out)
+        return scale, torch.from_numpy(out)
+    return scale, quantize_torch(flat, b, a, c, levels, gen)
+
+
+def quantize_torch(flat: torch.Tensor, b: int, a: torch.Tensor, c: float, levels: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Whole-tensor torch version of the rounding step (any device; ``gen`` on it)."""
+    u = _per_bucket(flat, b, a).add_(c)
+    fl = torch.floor(u)
+    r = torch.rand(u.shape, generator=gen, device=u.device)
+    return (fl + (r < u - fl)).clamp_(0, levels - 1).to(torch.uint8)
+
+
+def _per_bucket(v: torch.Tensor, b: int, m: torch.Tensor) -> torch.Tensor:
+    """``v_i * m_{i // b}`` as a new float32 tensor (the last bucket may be short)."""
+    n = v.numel()
+    idx = torch.arange(n, device=v.device) // b
+    return v.float() * m[idx]
 
 
 def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.Tensor,
                       c: float) -> torch.Tensor:
-    """``(sym - c) * inv_a_j`` as float32, written chunk by chunk into one output."""
+    """``(sym_i - c) * inv_a_j`` as float32 (a compiled kernel on CPU)."""
     n = sym.numel()
     b = min(bucket_size or n, n)
-    out = torch.empty(n, device=sym.device)
-    for s0, j, rows, w in _row_blocks(n, b, sym.device):
-        k = rows * w
-        ob = out[s0:s0 + k].view(rows, w)
-        ob.copy_(sym[s0:s0 + k].view(rows, w))
-        ob.sub_(c).mul_(inv_a[j:j + rows, None])
-    return out
+    if sym.device.type != "cpu":
+        return _per_bucket(sym.float().sub_(c), b, inv_a.float())
+    out = np.empty(n, dtype=np.float32)
+    launch(_dequantize, sym.numpy(), b, inv_a.float().numpy(), np.float32(c), out)
+    return torch.from_numpy(out)
 
 
 # -- variable-length fields -------------------------------------------------------------

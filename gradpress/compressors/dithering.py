@@ -96,13 +96,13 @@ class UniformQuantizer(Compressor):
         """The encoder sends the smallest of its codes, so the dense code is the ceiling."""
         return header_size(1) + math.ceil(UniformQuantizer.body_bits(self, numel) / 8)
 
-    def _quantize(self, flat: torch.Tensor, gen: torch.Generator
+    def _quantize(self, flat: torch.Tensor, gen: torch.Generator, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         return fc.scaled_quantize(flat, self.bucket_size, self.norm, self.gain, self.offset,
-                                  self.levels, gen)
+                                  self.levels, seed, gen)
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
-        scale, sym = self._quantize(flat, gen)
+        scale, sym = self._quantize(flat, gen, seed)
         sym_np = sym.cpu().numpy()
         best = self._sparse_body(scale, sym_np)  # None unless smaller than the dense code
         if self.entropy:

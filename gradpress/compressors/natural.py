@@ -145,7 +145,7 @@ class NaturalDithering(UniformQuantizer):
         t = math.sqrt(self._bucket_len(d)) * 2.0 ** (1 - self.s)
         return 1.0 / 8.0 + t * min(1.0, t)
 
-    def _quantize(self, flat: torch.Tensor, gen: torch.Generator
+    def _quantize(self, flat: torch.Tensor, gen: torch.Generator, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
         scale = fc.bucket_reduce(flat, self.bucket_size, self.norm)

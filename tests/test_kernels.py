@@ -1,0 +1,121 @@
+"""The compiled CPU kernels: the dither stream, the rounding step against its torch twin,
+thread-count independence and concurrent callers."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradpress
+from gradpress.compressors import _fastcodes as fc
+
+M32 = 0xFFFFFFFF
+
+
+def lowbias32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & M32
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & M32
+    return h ^ (h >> 16)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 2**64 - 1))
+@settings(max_examples=200, deadline=None)
+def test_dither_equals_the_textbook_hash(i, seed):
+    k0, k1 = fc.stream_keys(seed)
+    want = (lowbias32(lowbias32(i ^ int(k0)) ^ int(k1)) >> 8) * 2.0**-24
+    assert fc._dither(i, k0, k1) == want
+
+
+def test_dither_stream_is_uniform_and_seed_dependent():
+    x = torch.full((1 << 16,), 0.5)  # one bucket, u = 0.5 * 1 + 0: frac 0.5 everywhere
+    _, a = fc.scaled_quantize(x, None, "linf", 1.0, 0.0, 2, seed=1, gen=None)
+    _, b = fc.scaled_quantize(x, None, "linf", 1.0, 0.0, 2, seed=2, gen=None)
+    # frac(u) = 1 everywhere (u = 1.0 exactly): nothing rounds, every symbol is 1
+    assert int(a.sum()) == x.numel() and int(b.sum()) == x.numel()
+    y = torch.full((1 << 16,), 0.25)
+    y[0] = 1.0  # linf scale 1: u = 0.25, rounds up with probability 1/4
+    _, a = fc.scaled_quantize(y, None, "linf", 1.0, 0.0, 2, seed=1, gen=None)
+    _, b = fc.scaled_quantize(y, None, "linf", 1.0, 0.0, 2, seed=2, gen=None)
+    n = y.numel() - 1
+    for s in (a, b):
+        p = float(s[1:].float().mean())
+        assert abs(p - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm,gain,c,levels", [("l2", 4.0, 4.0, 9), ("linf", 1.5, 1.5, 4)])
+def test_kernel_and_torch_rounding_agree_in_distribution(norm, gain, c, levels):
+    """The CPU kernel and the torch path (used on GPUs) are both unbiased, same scales."""
+    torch.manual_seed(0)
+    x = torch.randn(3000)
+    b = 256
+    runs = 400
+    acc_k = torch.zeros_like(x)
+    acc_t = torch.zeros_like(x)
+    for seed in range(runs):
+        scale, sym = fc.scaled_quantize(x, b, norm, gain, c, levels, seed, gen=None)
+        inv = scale / gain
+        acc_k += fc.affine_dequantize(sym, b, inv, c)
+        a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale))
+        g = torch.Generator().manual_seed(seed)
+        sym_t = fc.quantize_torch(x, b, a, c, levels, g)
+        acc_t += fc.affine_dequantize(sym_t, b, inv, c)
+    step = float(fc.bucket_reduce(x, b, norm).max()) / gain  # grid step, an upper bound
+    tol = 5 * step / 2 / runs**0.5
+    assert float((acc_k / runs - x).abs().max()) < tol
+    assert float((acc_t / runs - x).abs().max()) < tol
+
+
+def test_bytes_do_not_depend_on_the_thread_count():
+    x = torch.randn(200_000)
+    old = torch.get_num_threads()
+    out = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            out.append([gradpress.get(name).encode(x, seed=3).to_bytes()
+                        for name in ("qsgd", "ecq", "terngrad")])
+        finally:
+            torch.set_num_threads(old)
+    assert out[0] == out[1]
+
+
+def test_concurrent_callers_take_turns_and_get_the_same_bytes():
+    x = torch.randn(100_000)
+    c = gradpress.get("ecq")
+    want = c.encode(x, seed=5).to_bytes()
+    got: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                got.append(c.encode(x, seed=5).to_bytes())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 20 and all(g == want for g in got)
+
+
+@given(st.integers(1, 8), st.integers(0, 5000), st.data())
+@settings(max_examples=60, deadline=None)
+def test_dequantize_kernel_matches_the_formula(width, n, data):
+    b = data.draw(st.integers(1, 600))
+    sym = np.random.default_rng(n).integers(0, 1 << width, n).astype(np.uint8)
+    inv = np.random.default_rng(b).standard_normal(fc.n_buckets(n, b)).astype(np.float32)
+    got = fc.affine_dequantize(torch.from_numpy(sym), b, torch.from_numpy(inv), 1.5).numpy()
+    want = ((sym.astype(np.float32) - np.float32(1.5)) *
+            np.repeat(inv, b)[:n]) if n else np.zeros(0, np.float32)
+    assert np.array_equal(got, want)
