@@ -27,6 +27,12 @@ def kernel(fn: Callable) -> Callable:
     return numba.njit(parallel=True, cache=True, nogil=True)(fn)
 
 
+def compiled(fn: Callable) -> Callable:
+    """``numba.njit(cache=True, nogil=True)``: a compiled single-threaded kernel (for loops
+    that cannot be split, such as a prefix-code decoder)."""
+    return numba.njit(cache=True, nogil=True)(fn)
+
+
 def serial(fn: Callable) -> Callable:
     """A compiled helper inlined into kernels (``numba.njit(inline='always')``)."""
     return numba.njit(inline="always", cache=True)(fn)

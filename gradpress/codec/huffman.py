@@ -1,0 +1,179 @@
+"""Canonical Huffman codes for small alphabets (at most 16 symbols), as compiled kernels.
+
+The quantizers' symbols are skewed (a ternary quantizer sends mostly zeros), and a static
+Huffman code per payload gets most of the entropy gain at a fraction of a range coder's
+cost: each symbol becomes one prefix-free code word, written by a parallel kernel.
+
+Code (Huffman 1952, canonical form as in DEFLATE, RFC 1951 Sec. 3.2.2): from the symbol
+counts, Huffman's algorithm gives code lengths ``L_k`` (0 for an absent symbol); symbols
+sorted by ``(L_k, k)`` take consecutive code words, so the ``levels`` lengths in 4 bits each
+are the whole table on the wire. With ``levels <= 16`` every length is at most 15. A single
+present symbol gets the 1-bit code ``0``. Expected size: ``sum_k count_k L_k`` bits, at most
+one bit per symbol above the empirical entropy.
+
+Decoding reads 15 bits at a time through a ``2^15``-entry table; it is serial (a code word's
+start depends on every earlier one), a few ns per symbol.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+from numba import prange
+
+from gradpress._jit import compiled, kernel, launch
+from gradpress.errors import PayloadError
+
+MAX_SYMBOLS = 16
+MAX_LEN = 15
+_TILE = 1 << 14
+
+
+def code_lengths(counts: np.ndarray) -> np.ndarray:
+    """Huffman code lengths (``uint8``) for symbol ``counts``; 0 for absent symbols."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.size > MAX_SYMBOLS:
+        raise ValueError(f"Huffman codes here take at most {MAX_SYMBOLS} symbols")
+    lengths = np.zeros(counts.size, dtype=np.uint8)
+    present = [int(k) for k in np.flatnonzero(counts)]
+    if len(present) == 1:
+        lengths[present[0]] = 1
+    if len(present) <= 1:
+        return lengths
+    # heap of (count, tie-break, symbols in the subtree); merging adds 1 to their lengths
+    heap = [(int(counts[k]), k, [k]) for k in present]
+    heapq.heapify(heap)
+    tie = counts.size
+    while len(heap) > 1:
+        c1, _, s1 = heapq.heappop(heap)
+        c2, _, s2 = heapq.heappop(heap)
+        for k in s1 + s2:
+            lengths[k] += 1
+        heapq.heappush(heap, (c1 + c2, tie, s1 + s2))
+        tie += 1
+    return lengths
+
+
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Canonical code words (``uint32``) for code ``lengths`` (RFC 1951's construction)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    codes = np.zeros(lengths.size, dtype=np.uint32)
+    code, prev = 0, 0
+    for k in sorted(np.flatnonzero(lengths), key=lambda k: (lengths[k], k)):
+        code <<= int(lengths[k]) - prev
+        prev = int(lengths[k])
+        codes[k] = code
+        code += 1
+    return codes
+
+
+def check_lengths(lengths: np.ndarray, n: int) -> None:
+    """Reject a code table from the wire that no Huffman encoder writes: lengths over 15,
+    an over-full code (Kraft sum above 1), or no symbol for a non-empty body."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and int(lengths.max()) > MAX_LEN:
+        raise PayloadError("Huffman table has a code longer than 15 bits")
+    if n and not lengths.any():
+        raise PayloadError("Huffman table has no symbols")
+    kraft = sum(1 << (MAX_LEN - int(x)) for x in lengths if x)
+    if kraft > 1 << MAX_LEN:
+        raise PayloadError("Huffman table is over-full (not a prefix code)")
+
+
+@kernel
+def _tile_bits(sym, lengths, out):  # pragma: no cover - compiled
+    n = sym.size
+    for t in prange(out.size):
+        acc = 0
+        for i in range(t * _TILE, min(n, (t + 1) * _TILE)):
+            acc += lengths[sym[i]]
+        out[t] = acc
+
+
+@kernel
+def _write(sym, lengths, codes, offsets, parity, out):  # pragma: no cover - compiled
+    # Tiles of one parity at a time: neighbours share at most one byte, never concurrently.
+    n = sym.size
+    half = (offsets.size - 1 + 1 - parity) // 2
+    for h in prange(half):
+        t = 2 * h + parity
+        off = offsets[t]
+        bi = off >> 3
+        nacc = off & 7
+        acc = np.uint64(0)
+        for i in range(t * _TILE, min(n, (t + 1) * _TILE)):
+            s = sym[i]
+            ln = lengths[s]
+            acc = (acc << np.uint64(ln)) | np.uint64(codes[s])
+            nacc += ln
+            while nacc >= 8:
+                nacc -= 8
+                out[bi] |= np.uint8((acc >> np.uint64(nacc)) & np.uint64(255))
+                bi += 1
+            acc &= (np.uint64(1) << np.uint64(nacc)) - np.uint64(1)
+        if nacc > 0:
+            out[bi] |= np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(255))
+
+
+@compiled
+def _read(data, total_bits, table_sym, table_len, out):  # pragma: no cover - compiled
+    # Serial, through a 64-bit bit buffer refilled a byte at a time (zeros past the end);
+    # returns the bits consumed, or -1 on an invalid code or a read past the end.
+    buf = np.uint64(0)
+    nbuf = 0
+    bi = 0
+    size = data.size
+    for i in range(out.size):
+        while nbuf <= 48:
+            x = np.uint64(data[bi]) if bi < size else np.uint64(0)
+            buf = (buf << np.uint64(8)) | x
+            bi += 1
+            nbuf += 8
+        peek = (buf >> np.uint64(nbuf - MAX_LEN)) & np.uint64(0x7FFF)
+        ln = table_len[peek]
+        if ln == 0:
+            return -1
+        nbuf -= ln
+        out[i] = table_sym[peek]
+    pos = 8 * bi - nbuf
+    return pos if pos <= total_bits else -1
+
+
+def encode(sym: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """Packed code words (MSB first, last byte zero-padded) of ``uint8`` symbols ``sym``
+    under code ``lengths``, and the exact bit count. Every symbol must have a code."""
+    sym = np.ascontiguousarray(sym, dtype=np.uint8).reshape(-1)
+    ln = np.asarray(lengths, dtype=np.int64)
+    codes = canonical_codes(ln).astype(np.uint64)
+    tiles = np.zeros(-(-sym.size // _TILE), dtype=np.int64)
+    launch(_tile_bits, sym, ln, tiles)
+    offsets = np.concatenate([[0], np.cumsum(tiles)]).astype(np.int64)
+    total = int(offsets[-1])
+    out = np.zeros((total + 7) // 8, dtype=np.uint8)
+    for parity in (0, 1):
+        launch(_write, sym, ln, codes, offsets, parity, out)
+    return out, total
+
+
+def decode(data: np.ndarray, n: int, lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """``n`` symbols from packed code words ``data`` under code ``lengths`` (checked with
+    :func:`check_lengths` first), and the bits consumed. Raises :class:`PayloadError` on a
+    code word no symbol has or when ``data`` ends first."""
+    check_lengths(lengths, n)
+    ln = np.asarray(lengths, dtype=np.int64)
+    codes = canonical_codes(ln)
+    table_sym = np.zeros(1 << MAX_LEN, dtype=np.uint8)
+    table_len = np.zeros(1 << MAX_LEN, dtype=np.int64)
+    for k in np.flatnonzero(ln):
+        lo = int(codes[k]) << (MAX_LEN - int(ln[k]))
+        hi = (int(codes[k]) + 1) << (MAX_LEN - int(ln[k]))
+        table_sym[lo:hi] = k
+        table_len[lo:hi] = ln[k]
+    raw = np.asarray(data, dtype=np.uint8).reshape(-1)
+    out = np.empty(n, dtype=np.uint8)
+    used = int(launch(_read, np.ascontiguousarray(raw), 8 * raw.size, table_sym, table_len,
+                      out)) if n else 0
+    if used < 0:
+        raise PayloadError("Huffman body is truncated or holds an invalid code word")
+    return out, used
