@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import gradpress
 from gradpress.codec import bits as cbits
 from gradpress.codec import elias
+from gradpress.codec import huffman as hf
 from gradpress.compressors import _fastcodes as fc
 from gradpress.compressors.lowrank import matrix_shape
 from gradpress.compressors.sparsify import shared_indices
@@ -344,7 +345,9 @@ def test_row_blocks_cover_every_element_once_with_its_bucket(device, n, b):
 
 
 VARIANTS = [("qsgd", {"entropy": True, "sparse": False}), ("qsgd", {"s": 1, "bucket_size": None}),
-            ("ecq", {"entropy": True}), ("natural", {"exponent_range": True}),
+            ("ecq", {"entropy": True}), ("ecq", {"s": 3, "entropy": "huffman"}),
+            ("qsgd", {"s": 7, "entropy": "huffman", "sparse": False}),
+            ("natural", {"exponent_range": True}),
             ("topk", {"ratio": 0.3, "values": "fp16"}), ("randk", {"values": "fp16"})]
 
 
@@ -366,3 +369,20 @@ def test_non_default_variants_reject_or_survive_corrupt_bodies(name, kw, data):
     except PayloadError:
         return
     assert y.shape == (300,) and bool(torch.isfinite(y).all())
+
+
+@pytest.mark.parametrize("name,kw", [("ecq", {"s": 3}), ("ecq", {"bits": 2}),
+                                     ("qsgd", {"s": 1, "sparse": False}), ("terngrad", {})])
+def test_huffman_mode_is_exact_smaller_and_decodes_the_same(name, kw):
+    x = _gauss(20_000, 9)
+    plain = gradpress.get(name, **kw)
+    huff = gradpress.get(name, **kw, entropy="huffman")
+    p, q = plain.encode(x, seed=2), huff.encode(x, seed=2)
+    assert q.body[0] == 3 and len(q.body) < len(p.body)  # mode HUFFMAN, smaller
+    assert torch.equal(plain.decode(p), huff.decode(q))
+    sym = fc.scaled_quantize(x, plain.bucket_size, plain.norm, plain.gain, plain.offset,
+                             plain.levels, 2, None)[1].numpy()
+    counts = np.bincount(sym, minlength=plain.levels)
+    bits = int((counts * hf.code_lengths(counts).astype(np.int64)).sum())
+    head = 8 + 32 * fc.n_buckets(x.numel(), plain.bucket_size) + 4 * plain.levels
+    assert len(q.body) == (head + 7) // 8 + (bits + 7) // 8

@@ -156,6 +156,12 @@ class BitReader:
     def remaining(self) -> int:
         return self.total - self.pos
 
+    def align(self) -> None:
+        """Skip to the next byte boundary over zero padding (non-zero padding is corrupt)."""
+        pad = -self.pos % 8
+        if pad and self.read_bits(pad).any():
+            raise PayloadError("payload has non-zero padding bits")
+
     def _need(self, nbits: int, what: str) -> None:
         if nbits < 0 or self.pos + nbits > self.total:
             raise PayloadError(f"payload truncated while reading {what}: need {nbits} bits at "

@@ -95,20 +95,21 @@ class ScaledSign(Compressor):
 @register
 class TernGrad(UniformQuantizer):
     """TernGrad (Wen et al. 2017): ``{-s_t, 0, s_t}`` per bucket, ``s_t = ||v||_inf``;
-    unbiased with ``omega = sqrt(n) - 1``."""
+    unbiased with ``omega = sqrt(n) - 1``. ``entropy="huffman"`` codes the trits in a
+    per-payload Huffman code (see :class:`UniformQuantizer`)."""
 
     name = "terngrad"
     compressor_id = 25
     norm = "linf"
 
-    def __init__(self, bucket_size: int | None = None) -> None:
-        super().__init__(bucket_size, entropy=False)
+    def __init__(self, bucket_size: int | None = None, entropy: bool | str = False) -> None:
+        super().__init__(bucket_size, entropy)
         self.levels = 3
         self.gain = 1.0
         self.offset = 1.0
 
     def config(self) -> dict[str, Any]:
-        return {"bucket_size": self.bucket_size}
+        return {"bucket_size": self.bucket_size, "entropy": self.entropy}
 
     def omega(self, d: int) -> float:
         return math.sqrt(self._bucket_len(d)) - 1.0
