@@ -11,8 +11,9 @@ are the whole table on the wire. With ``levels <= 16`` every length is at most 1
 present symbol gets the 1-bit code ``0``. Expected size: ``sum_k count_k L_k`` bits, at most
 one bit per symbol above the empirical entropy.
 
-Decoding reads 15 bits at a time through a ``2^15``-entry table; it is serial (a code word's
-start depends on every earlier one), a few ns per symbol.
+Decoding is serial (a code word's start depends on every earlier one), so it looks up a
+12-bit window in a ``2^12``-entry table of the whole code words it starts with (a ternary
+code emits ~9 symbols per lookup), and words that do not fit in a ``2^15``-entry table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gradpress.errors import PayloadError
 
 MAX_SYMBOLS = 16
 MAX_LEN = 15
+MULTI = 12  # bits of the multi-symbol decoding window
 _TILE = 1 << 14
 
 
@@ -117,25 +119,61 @@ def _write(sym, lengths, codes, offsets, parity, out):  # pragma: no cover - com
 
 
 @compiled
-def _read(data, total_bits, table_sym, table_len, out):  # pragma: no cover - compiled
-    # Serial, through a 64-bit bit buffer refilled a byte at a time (zeros past the end);
-    # returns the bits consumed, or -1 on an invalid code or a read past the end.
+def _multi_table(table_sym, table_len, msym, mcount, mbits):  # pragma: no cover - compiled
+    # For each 12-bit window: the whole code words it starts with (up to 12 symbols, 4 bits
+    # each in msym), their count and their total length.
+    for v in range(1 << MULTI):
+        pos = 0
+        cnt = 0
+        packed = np.uint64(0)
+        while cnt < MULTI:
+            peek = ((v << pos) & ((1 << MULTI) - 1)) << (MAX_LEN - MULTI)
+            ln = table_len[peek]
+            if ln == 0 or pos + ln > MULTI:
+                break
+            packed |= np.uint64(table_sym[peek]) << np.uint64(4 * cnt)
+            cnt += 1
+            pos += ln
+        msym[v] = packed
+        mcount[v] = cnt
+        mbits[v] = pos
+
+
+@compiled
+def _read(data, total_bits, table_sym, table_len, msym, mcount, mbits,
+          out):  # pragma: no cover - compiled
+    # Serial, through a 64-bit bit buffer refilled a byte at a time (zeros past the end):
+    # a 12-bit window emits every whole code word it holds at once, longer words go through
+    # the 15-bit table. Returns the bits consumed, or -1 on an invalid code or a read past
+    # the end.
     buf = np.uint64(0)
     nbuf = 0
     bi = 0
     size = data.size
-    for i in range(out.size):
+    n = out.size
+    i = 0
+    while i < n:
         while nbuf <= 48:
             x = np.uint64(data[bi]) if bi < size else np.uint64(0)
             buf = (buf << np.uint64(8)) | x
             bi += 1
             nbuf += 8
-        peek = (buf >> np.uint64(nbuf - MAX_LEN)) & np.uint64(0x7FFF)
+        w = (buf >> np.uint64(nbuf - MULTI)) & np.uint64((1 << MULTI) - 1)
+        cnt = mcount[w]
+        if cnt > 0 and i + cnt <= n:
+            packed = msym[w]
+            for k in range(cnt):
+                out[i + k] = np.uint8((packed >> np.uint64(4 * k)) & np.uint64(15))
+            i += cnt
+            nbuf -= mbits[w]
+            continue
+        peek = (buf >> np.uint64(nbuf - MAX_LEN)) & np.uint64((1 << MAX_LEN) - 1)
         ln = table_len[peek]
         if ln == 0:
             return -1
         nbuf -= ln
         out[i] = table_sym[peek]
+        i += 1
     pos = 8 * bi - nbuf
     return pos if pos <= total_bits else -1
 
@@ -170,10 +208,14 @@ def decode(data: np.ndarray, n: int, lengths: np.ndarray) -> tuple[np.ndarray, i
         hi = (int(codes[k]) + 1) << (MAX_LEN - int(ln[k]))
         table_sym[lo:hi] = k
         table_len[lo:hi] = ln[k]
+    msym = np.zeros(1 << MULTI, dtype=np.uint64)
+    mcount = np.zeros(1 << MULTI, dtype=np.int64)
+    mbits = np.zeros(1 << MULTI, dtype=np.int64)
+    launch(_multi_table, table_sym, table_len, msym, mcount, mbits)
     raw = np.asarray(data, dtype=np.uint8).reshape(-1)
     out = np.empty(n, dtype=np.uint8)
     used = int(launch(_read, np.ascontiguousarray(raw), 8 * raw.size, table_sym, table_len,
-                      out)) if n else 0
+                      msym, mcount, mbits, out)) if n else 0
     if used < 0:
         raise PayloadError("Huffman body is truncated or holds an invalid code word")
     return out, used
