@@ -34,6 +34,8 @@ from gradpress.feedback import ECQFeedback, ErrorFeedback, NoFeedback
 METHODS = {
     "ecq 2 bits + ECQ": (lambda: gradpress.get("ecq", bits=2), lambda: ECQFeedback(0.5, 0.9)),
     "ecq 4 bits + ECQ": (lambda: gradpress.get("ecq", bits=4), lambda: ECQFeedback(0.5, 0.9)),
+    "ecq ternary Huffman + ECQ": (lambda: gradpress.get("ecq", s=3, entropy="huffman"),
+                                  lambda: ECQFeedback(0.5, 0.9)),
     "sign + EF": (lambda: gradpress.get("sign"), ErrorFeedback),
     "qsgd s=3": (lambda: gradpress.get("qsgd", s=3), NoFeedback),
 }

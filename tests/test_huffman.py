@@ -92,3 +92,13 @@ def test_random_bytes_never_crash(raw, n):
         except PayloadError:
             continue
         assert back.size == n and used <= 8 * data.size and int(back.max(initial=0)) < 4
+
+
+@given(st.integers(1, 256), st.integers(0, 40_000), st.integers(0, 2**32 - 1))
+@settings(max_examples=30, deadline=None)
+def test_symbol_counts_equal_bincount(levels, n, seed):
+    sym = np.random.default_rng(seed).integers(0, levels, n).astype(np.uint8)
+    assert np.array_equal(hf.symbol_counts(sym, levels), np.bincount(sym, minlength=levels))
+    if levels < 256 and n:
+        with pytest.raises(ValueError, match="below"):
+            hf.symbol_counts(np.array([levels], dtype=np.uint8), levels)

@@ -134,7 +134,7 @@ class UniformQuantizer(Compressor):
         return w.getvalue()
 
     def _huffman_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes:
-        lengths = huffman.code_lengths(np.bincount(sym_np, minlength=self.levels))
+        lengths = huffman.code_lengths(huffman.symbol_counts(sym_np, self.levels))
         w = self._start(HUFFMAN, scale)
         w.write_uint(lengths, 4)
         data, nbits = huffman.encode(sym_np, lengths)
