@@ -15,9 +15,11 @@ once per method:
   launches its second all-reduce from a future's callback and ranks can disagree on the
   collective order. ``--powersgd-multibucket`` also runs it with 4 MB buckets and records
   what happens;
-* gradpress through ``compression_hook``: ECQ (2 and 4 bits, ECQ error compensation), QSGD
-  (3 bits, lengths-first gather so its sparse code's savings reach the wire), scaled sign
-  with error feedback, and sparse dithering when it is registered.
+* gradpress through ``compression_hook``: ECQ (2 and 4 bits, and a ternary codebook ``s=3``
+  in a per-payload Huffman code, ~1.3 bits per coordinate, all with ECQ error
+  compensation), QSGD (3 bits), scaled sign with error feedback, and sparse dithering when
+  it is registered. Variable-length codes (Huffman, QSGD's Elias code) gather lengths first
+  (``--unbounded``), so their savings reach the wire instead of padding to the bound.
 
 Time to target is the training time (forward, backward with the hook's communication,
 optimizer step; evaluations excluded) until the first evaluation at or above the target;
@@ -115,7 +117,9 @@ def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
            (f"torch-powersgd r={args.powersgd_rank} (1 bucket)",
             ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
              "--bucket-cap-mb", "1000"]),
-           ("gradpress ecq 2 bits + ECQ", ["--compressor", "ecq", "--bits", "2"])]
+           ("gradpress ecq 2 bits + ECQ", ["--compressor", "ecq", "--bits", "2"]),
+           ("gradpress ecq ternary Huffman + ECQ (lengths first)",
+            ["--compressor", "ecq", "--compressor-args", "s=3;entropy=huffman", "--unbounded"])]
     if not args.quick:
         out += _more(args)
     if args.only:

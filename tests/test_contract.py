@@ -55,6 +55,23 @@ def test_round_trip_of_a_million_elements(name):
     assert y.shape == x.shape and bool(torch.isfinite(y).all())
 
 
+ENCODE_DECODED = [(n, {}) for n in NAMES] + [
+    ("ecq", {"s": 3, "entropy": "huffman"}), ("qsgd", {"s": 1, "bucket_size": None}),
+    ("qsgd", {"entropy": True, "sparse": False}), ("ecq", {"norm": "l2", "bits": 4})]
+
+
+@pytest.mark.parametrize("name,kw", ENCODE_DECODED)
+def test_encode_decoded_equals_decoding_the_bytes(name, kw):
+    """The hook's shortcut: encode_decoded's tensor is decode(bytes), bit for bit."""
+    c = gradpress.get(name, **kw)
+    for x in _vectors(3000) + [torch.randn(5, 7).half(), torch.zeros(0), torch.tensor(2.5)]:
+        payload, dec = c.encode_decoded(x, seed=11)
+        assert payload.to_bytes() == c.encode(x, seed=11).to_bytes()
+        ref = _round_trip(c, x, seed=11)
+        assert dec.dtype == ref.dtype and dec.shape == ref.shape
+        assert torch.equal(dec, ref), name
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_gives_same_bytes_and_input_is_untouched(name):
     c = gradpress.get(name)

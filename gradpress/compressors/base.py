@@ -106,6 +106,22 @@ class Compressor(ABC):
         return Payload(self.compressor_id, x.dtype, tuple(x.shape), body,
                        seed=seed if self.shared_randomness else None)
 
+    def encode_decoded(self, x: torch.Tensor, *, seed: int = 0
+                       ) -> tuple[Payload, torch.Tensor]:
+        """``(encode(x), decode(encode(x)))`` on ``x``'s device, bit for bit, without parsing
+        the bytes back where the compressor knows its decoded value (the quantizers: their
+        symbols times the scales). The DDP hook uses it for the feedback's ``C(v)``."""
+        flat = check_gradient(x)
+        if flat.numel():
+            known = self._encode_decoded(flat, generator_for(seed, flat.device), seed)
+            if known is not None:
+                body, dec = known
+                payload = Payload(self.compressor_id, x.dtype, tuple(x.shape), body,
+                                  seed=seed if self.shared_randomness else None)
+                return payload, check_decoded(dec, x.dtype).reshape(x.shape).to(x.dtype)
+        payload = self.encode(x, seed=seed)
+        return payload, self.decode(payload, device=x.device)
+
     def decode(self, payload: Payload | bytes, *, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
         """Reconstruct ``C(x)`` from the payload alone, with ``x``'s shape and dtype."""
@@ -178,6 +194,12 @@ class Compressor(ABC):
     @abstractmethod
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         """Body bytes for a non-empty flat float32 tensor."""
+
+    def _encode_decoded(self, flat: torch.Tensor, gen: torch.Generator, seed: int
+                        ) -> tuple[bytes, torch.Tensor] | None:
+        """Body bytes and the flat float32 tensor ``_decode`` would return from them, where
+        a compressor knows it without decoding; ``None`` (the default): encode, then decode."""
+        return None
 
     @abstractmethod
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device

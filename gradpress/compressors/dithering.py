@@ -117,7 +117,16 @@ class UniformQuantizer(Compressor):
                                   self.levels, seed, gen)
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
+        return self._body(*self._quantize(flat, gen, seed))
+
+    def _encode_decoded(self, flat: torch.Tensor, gen: torch.Generator, seed: int
+                        ) -> tuple[bytes, torch.Tensor]:
+        """Body bytes and :meth:`_dequantize` of the symbols, as the decoder computes it
+        from the float32 scales on the wire: the same floats, so the same tensor."""
         scale, sym = self._quantize(flat, gen, seed)
+        return self._body(scale, sym), self._dequantize(scale, sym)
+
+    def _body(self, scale: torch.Tensor, sym: torch.Tensor) -> bytes:
         sym_np = sym.cpu().numpy()
         best = self._sparse_body(scale, sym_np)  # None unless smaller than the dense code
         if self.entropy:
@@ -185,8 +194,14 @@ class UniformQuantizer(Compressor):
             raise PayloadError(f"{self.name} payload has unknown mode {int(mode)}")
         if sym_np.size and int(sym_np.max()) >= self.levels:
             raise PayloadError(f"{self.name} payload holds a symbol outside 0..{self.levels - 1}")
-        sym = torch.from_numpy(sym_np).to(device)
-        return fc.affine_dequantize(sym, self.bucket_size, inv.to(device), self.offset)
+        return self._dequantize(torch.from_numpy(scale).to(device),
+                                torch.from_numpy(sym_np).to(device))
+
+    def _dequantize(self, scale: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
+        """Decoded values of symbols ``sym`` (``uint8``) under float32 bucket ``scale``:
+        ``(sym - c) * (M / gain)``, the division in float64 then rounded to float32."""
+        inv = (scale.double() / self.gain).float()
+        return fc.affine_dequantize(sym, self.bucket_size, inv, self.offset)
 
     def _decode_sparse(self, body: bytes, pos: int, numel: int, inv: torch.Tensor,
                        device: torch.device) -> torch.Tensor:

@@ -178,8 +178,12 @@ class NaturalDithering(UniformQuantizer):
         r.expect_end()
         if sym.size and int(sym.max()) >= self.levels:
             raise PayloadError("natural_dithering payload holds a level out of range")
-        sym_t = torch.from_numpy(sym).to(device)
-        scale = scale.to(device)
+        return self._dequantize(scale.to(device), torch.from_numpy(sym).to(device))
+
+    def _dequantize(self, scale: torch.Tensor, sym_t: torch.Tensor) -> torch.Tensor:
+        """``sgn(k) * 2^(|k| - s) * M`` for signed levels ``k = sym - s`` (0 stays 0)."""
+        numel = sym_t.numel()
+        device = sym_t.device
         out = torch.empty(numel, device=device)
         for s0, j, rows, w in fc._row_blocks(numel, self._bucket_len(numel), device):
             k = out[s0:s0 + rows * w].view(rows, w)

@@ -368,11 +368,10 @@ def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, 
     feedback state is committed only after encoding succeeded. ``grad`` (the bucket) is not
     written before the collective finishes, so it needs no copy."""
     v = fb.to_send(key, grad)
-    payload = comp.encode(v, seed=seed)
+    payload, sent = comp.encode_decoded(v, seed=seed)  # sent == decode(payload), bit for bit
     if crc:
         payload = dataclasses.replace(payload, crc=True)
     mine = payload.to_bytes()
-    sent = comp.decode(payload, device=grad.device)
     # grad passed to_send's check; a decoder never returns NaN/Inf: no third and fourth scan
     fb._commit_checked(key, grad, sent.reshape(grad.shape))
     return mine, sent
