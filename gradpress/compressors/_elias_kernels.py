@@ -1,0 +1,583 @@
+"""Compiled encoder and decoder of QSGD's Elias-coded sparse body (numba kernels).
+
+QSGD (Alistarh et al., NeurIPS 2017, Sec. 3.1) sends, per nonzero symbol, the gap ``g >= 1``
+to the previous nonzero position in Elias gamma (or delta, whichever is smaller over the
+whole payload), its level ``l = |sym - s| >= 1`` in Elias gamma and one sign bit. With
+``Lg = floor(log2 g)``, ``Ll = floor(log2 l)`` and, for delta, ``P = floor(log2(Lg + 1))``,
+the body is, bit for bit (MSB first, byte-aligned start, last byte zero-padded)::
+
+    gap flag (1 bit: 1 = delta), gamma(nnz + 1),
+    unary stream:  per nonzero  0^pre 1 0^Ll 1    with pre = Lg (gamma) or P (delta)
+    delta stream:  per nonzero  the P low bits of Lg + 1          (delta only)
+    field stream:  per nonzero  [Lg low bits of g | Ll low bits of l | sign]
+
+which is ``2 Lg + 1`` (gamma) or ``Lg + 2 P + 1`` (delta) bits per gap, ``2 Ll + 1`` per
+level and one per sign: exactly the textbook code lengths, reordered so that every stream
+can be cut into independent pieces.
+
+Encoder: a parallel pass over tiles of symbols counts each tile's nonzeros and the sums of
+``Lg``, ``P``, ``Ll`` (a tile's first gap is fixed up afterwards, when the previous tile's
+last nonzero is known); prefix sums give each tile its bit offset in each stream; a second
+parallel pass writes every tile's bits. A tile writes the bytes it owns outright; its first
+byte and its trailing partial byte may hold other tiles' bits too, so those go to a small
+edge table and are OR-ed in afterwards. The bytes do not depend on the thread count.
+
+Decoder: the ones of the unary stream are counted per chunk of bytes (parallel), so a block
+of ``K`` nonzeros finds where its codes start by a prefix sum and a short scan. Then one
+parallel pass per stream over blocks: unary lengths, delta prefixes, then the fields twice
+(gap sums per block for the positions, then the scatter, which also writes the zeros).
+numba does no bounds checks, so before a pass reads a stream its end is checked against the
+payload, every decoded length is checked against the format's limits (``Lg <= 40``,
+``Ll <= 7``, ``l <= s``) and the positions against ``numel``; readers keep 8 zero bytes of
+padding ahead. Anything malformed raises :class:`PayloadError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from gradpress._jit import kernel, launch, serial
+from gradpress.errors import PayloadError
+
+#: Symbols per encoder tile (a parallel work item; a multiple of 8).
+TILE = 1 << 14
+#: Nonzeros per decoder block (a parallel work item).
+BLOCK = 1 << 13
+#: 64-bit words per chunk when counting the unary stream's ones.
+COUNT_WORDS = 1 << 7
+#: Longest gap prefix ``Lg`` the format allows (gaps below 2^41).
+MAX_LG = 40
+#: Longest level prefix ``Ll`` (levels up to 255; QSGD's ``s <= 127`` needs 6).
+MAX_LL = 7
+
+_LOG8 = np.array([0] + [i.bit_length() - 1 for i in range(1, 256)], dtype=np.int64)
+_ONES = np.uint64(0x0101010101010101)
+_TOP8 = np.uint64(0xFF00000000000000)
+
+
+# -- machine words (LLVM intrinsics: numba has no public clz/popcount/unaligned load) ------
+@intrinsic
+def _clz(typingctx, x):
+    """Leading zeros of a ``uint64`` (64 for 0), as ``int64``."""
+    def codegen(context, builder, sig, args):
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+    return types.int64(types.uint64), codegen
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Set bits of a ``uint64``, as ``int64``."""
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+    return types.int64(types.uint64), codegen
+
+
+def _word_ptr(context, builder, sig, args):
+    data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+    return builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer())
+
+
+@intrinsic
+def _load64(typingctx, arr, idx):
+    """The 8 bytes from element ``idx`` of ``arr`` (unchecked) as a native ``uint64``."""
+    def codegen(context, builder, sig, args):
+        return builder.load(_word_ptr(context, builder, sig, args), align=1)
+    return types.uint64(arr, types.int64), codegen
+
+
+@intrinsic
+def _store64(typingctx, arr, idx, v):
+    """Write ``uint64`` ``v`` natively into the 8 bytes from element ``idx`` of ``arr``
+    (unchecked)."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _word_ptr(context, builder, sig, args), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, types.int64, types.uint64), codegen
+
+
+@intrinsic
+def _load_be64(typingctx, arr, idx):
+    """Bytes ``arr[idx:idx+8]`` (uint8, unchecked) as a big-endian ``uint64``: the first
+    byte in the top bits, so bit order is stream order."""
+    def codegen(context, builder, sig, args):
+        return builder.bswap(builder.load(_word_ptr(context, builder, sig, args), align=1))
+    return types.uint64(arr, types.int64), codegen
+
+
+@intrinsic
+def _store_be64(typingctx, arr, idx, v):
+    """Write ``uint64`` ``v`` big-endian into ``arr[idx:idx+8]`` (uint8, unchecked)."""
+    def codegen(context, builder, sig, args):
+        builder.store(builder.bswap(args[2]), _word_ptr(context, builder, sig, args), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, types.int64, types.uint64), codegen
+
+
+@serial
+def _log2(v):  # pragma: no cover - compiled
+    # floor(log2 v), 0 < v < 2^63
+    return 63 - _clz(np.uint64(v))
+
+
+@serial
+def _put(out, acc, nacc, k, v, w):  # pragma: no cover - compiled
+    # Append the w <= 57 low bits of v to a writer holding nacc < 64 pending bits in acc
+    # (exactly those, no garbage above); every full 64 bits go to out[k:k+8] at once.
+    if nacc + w < 64:
+        return (acc << np.uint64(w)) | np.uint64(v), nacc + w, k
+    spill = nacc + w - 64  # < w, and nacc >= 7, so no shift reaches 64
+    _store_be64(out, k, (acc << np.uint64(64 - nacc)) | (np.uint64(v) >> np.uint64(spill)))
+    return np.uint64(v) & ((np.uint64(1) << np.uint64(spill)) - np.uint64(1)), spill, k + 8
+
+
+@serial
+def _flush(out, acc, nacc, k):  # pragma: no cover - compiled
+    # Write the writer's whole pending bytes; return (index, value) of the trailing partial
+    # byte (its low bits zero), index -1 if none.
+    nfull = nacc >> 3
+    for b in range(nfull):
+        out[k + b] = np.uint8((acc >> np.uint64(nacc - 8 * b - 8)) & np.uint64(255))
+    rem = nacc & 7
+    if rem == 0:
+        return -1, 0
+    return k + nfull, np.int64((acc << np.uint64(8 - rem)) & np.uint64(255))
+
+
+@serial
+def _field(buf, pos, w):  # pragma: no cover - compiled
+    # The w <= 57 bits at bit pos (0 for w = 0); buf has 8 readable bytes from pos >> 3.
+    x = _load_be64(buf, pos >> 3) << np.uint64(pos & 7)
+    return np.int64((x >> np.uint64(1)) >> np.uint64(63 - w))
+
+
+@serial
+def _unary(buf, pos):  # pragma: no cover - compiled
+    # (zeros before the next one, bit after that one); the caller guarantees the one.
+    z = 0
+    while True:
+        r = pos & 7
+        x = _load_be64(buf, pos >> 3) << np.uint64(r)
+        if x != 0:
+            break
+        z += 64 - r
+        pos += 64 - r
+    c = _clz(x)
+    return z + c, pos + c + 1
+
+
+@serial
+def _next_unary(buf, pos, y):  # pragma: no cover - compiled
+    # Like _unary, from a window y of the bits from pos (left-aligned, zero-filled past its
+    # valid bits, 0 when used up): several codes per load. Returns (zeros, pos, window).
+    if y == 0:
+        y = _load_be64(buf, pos >> 3) << np.uint64(pos & 7)
+        if y == 0:  # >= 57 zeros: only in corrupt payloads
+            z, pos = _unary(buf, pos)
+            return z, pos, np.uint64(0)
+    c = _clz(y)
+    return c, pos + c + 1, (y << np.uint64(c)) << np.uint64(1)
+
+
+# -- encoder ------------------------------------------------------------------------------
+def _lane_table() -> np.ndarray:
+    # For each byte m: the indices of its set bits (ascending) as 16-bit lanes, 4 per word.
+    out = np.zeros((256, 2), dtype=np.uint64)
+    for m in range(256):
+        bits = [b for b in range(8) if m >> b & 1] + [0] * 8
+        for lane in range(8):
+            out[m, lane // 4] |= np.uint64(bits[lane] << (16 * (lane % 4)))
+    return out
+
+
+_LANES = _lane_table()
+_POP8 = np.array([bin(m).count("1") for m in range(256)], dtype=np.int64)
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HIGH = np.uint64(0x8080808080808080)
+_GATHER = np.uint64(0x0102040810204080)  # (bytes' bit 0) * this: byte b's bit at 56 + b
+_LANE1 = np.uint64(0x0001000100010001)
+
+
+@serial
+def _compact(sym, s, a, e, idx):  # pragma: no cover - compiled
+    # Offsets (from a) of the nonzero symbols of sym[a:e] into idx[a:], in order; returns
+    # their count. Branch-free: 8 symbols at a time, their nonzero bytes as a bit mask m,
+    # whose set-bit indices come from a table and are stored 8 lanes at once (lanes past
+    # the count are overwritten later or ignored; they never pass index e - 1).
+    pat = np.uint64(s) * _ONES
+    c = 0
+    i = a
+    while i + 8 <= e:
+        x = _load64(sym, i) ^ pat  # native order: symbol i + b in byte b
+        hb = (((x & _LOW7) + _LOW7) | x) & _HIGH  # top bit of each nonzero byte
+        m = ((hb >> np.uint64(7)) * _GATHER) >> np.uint64(56)
+        off = np.uint64(i - a) * _LANE1
+        _store64(idx, a + c, _LANES[m, 0] + off)
+        _store64(idx, a + c + 4, _LANES[m, 1] + off)
+        c += _POP8[m]
+        i += 8
+    while i < e:
+        idx[a + c] = i - a
+        c += 1 if np.int64(sym[i]) != s else 0
+        i += 1
+    return c
+
+
+@kernel
+def _tile_stats(sym, s, idx, stats):  # pragma: no cover - compiled
+    # Per tile: its nonzeros' offsets into idx; their count, first and last position, and
+    # the sums of Lg, P = log2(Lg+1) over gaps inside the tile, and of Ll over its levels.
+    n = sym.size
+    for t in prange(stats.shape[0]):
+        a = t * TILE
+        cnt = _compact(sym, s, a, min(n, a + TILE), idx)
+        first = a + np.int64(idx[a]) if cnt else -1
+        last = first
+        slg = 0
+        sdl = 0
+        sll = 0
+        for j in range(cnt):
+            k = a + np.int64(idx[a + j])
+            sll += _LOG8[abs(np.int64(sym[k]) - s)]
+            if j:
+                lg = _log2(k - last)
+                slg += lg
+                sdl += _LOG8[lg + 1]
+            last = k
+        stats[t, 0] = cnt
+        stats[t, 1] = first
+        stats[t, 2] = last
+        stats[t, 3] = slg
+        stats[t, 4] = sdl
+        stats[t, 5] = sll
+
+
+@kernel
+def _write_tiles(sym, s, idx, cnt, prev, offs, use_delta, out, edges
+                 ):  # pragma: no cover - compiled
+    # Tile t writes its nonzeros' bits into the unary, delta and field streams from bit
+    # offsets offs[j, t] (j = stream): whole bytes straight to out (the first one with zeros
+    # where an earlier segment's bits go), the trailing partial byte to edges[j, t].
+    for t in prange(prev.size):
+        # three writers: pending bits, their count, next byte
+        acc0 = np.uint64(0)
+        n0 = offs[0, t] & 7
+        k0 = offs[0, t] >> 3
+        acc1 = np.uint64(0)
+        n1 = offs[1, t] & 7
+        k1 = offs[1, t] >> 3
+        acc2 = np.uint64(0)
+        n2 = offs[2, t] & 7
+        k2 = offs[2, t] >> 3
+        a = t * TILE
+        last = prev[t]
+        for j in range(cnt[t]):
+            k = a + np.int64(idx[a + j])
+            v = np.int64(sym[k])
+            g = k - last
+            last = k
+            lg = _log2(g)
+            lev = abs(v - s)
+            ll = _LOG8[lev]
+            if use_delta:
+                pre = _LOG8[lg + 1]
+                acc1, n1, k1 = _put(out, acc1, n1, k1, (lg + 1) & ((1 << pre) - 1), pre)
+            else:
+                pre = lg
+            acc0, n0, k0 = _put(out, acc0, n0, k0, (1 << (ll + 1)) | 1, pre + ll + 2)
+            low = (((g & ((1 << lg) - 1)) << ll) | (lev & ((1 << ll) - 1))) << 1
+            acc2, n2, k2 = _put(out, acc2, n2, k2, low | (1 if v < s else 0), lg + ll + 1)
+        if cnt[t]:
+            edges[0, t, 0], edges[0, t, 1] = _flush(out, acc0, n0, k0)
+            edges[1, t, 0], edges[1, t, 1] = _flush(out, acc1, n1, k1)
+            edges[2, t, 0], edges[2, t, 1] = _flush(out, acc2, n2, k2)
+        else:
+            edges[0, t, 0] = edges[1, t, 0] = edges[2, t, 0] = -1
+
+
+def encode(sym: np.ndarray, s: int, limit_bits: int) -> np.ndarray | None:
+    """QSGD's sparse body (layout in the module docstring) of ``uint8`` symbols ``sym``
+    (zero at ``s``), or ``None`` when it would take ``>= limit_bits`` bits (or the tensor is
+    too long for the format's gaps)."""
+    n = sym.size
+    if n == 0 or n >= 1 << (MAX_LG + 1):
+        return None
+    sym = np.ascontiguousarray(sym, dtype=np.uint8)
+    ntiles = -(-n // TILE)
+    stats = np.empty((ntiles, 6), dtype=np.int64)
+    # nonzero offsets per tile (only the used part of each tile's slot is ever touched)
+    idx = np.empty(n, dtype=np.uint16)
+    launch(_tile_stats, sym, int(s), idx, stats)
+    cnt, first, last, slg, sdl, sll = (stats[:, j].copy() for j in range(6))
+    nnz = int(cnt.sum())
+    if 3 * nnz >= limit_bits:  # each nonzero costs >= 3 bits: the sparse code cannot win
+        return None
+    # each tile's first gap starts at the previous tile's last nonzero
+    prev = np.full(ntiles, -1, dtype=np.int64)
+    live = cnt > 0
+    if nnz:
+        prev[live] = np.concatenate([np.array([-1], dtype=np.int64), last[live][:-1]])
+        lg0 = _log2_np(first[live] - prev[live])
+        slg[live] += lg0
+        sdl[live] += _LOG8[lg0 + 1]
+    sum_lg, sum_dl = int(slg.sum()), int(sdl.sum())
+    use_delta = sum_lg + 2 * sum_dl < 2 * sum_lg  # delta bits < gamma bits
+    L = (nnz + 1).bit_length() - 1
+    head = 2 + 2 * L  # gap flag and gamma(nnz + 1)
+    sizes = np.stack([(sdl if use_delta else slg) + sll + 2 * cnt,
+                      sdl if use_delta else np.zeros_like(sdl),
+                      slg + sll + cnt])
+    total = head + int(sizes.sum())
+    if total >= limit_bits:
+        return None
+    # stream j, tile t starts at bit offs[j, t]; offs[j, ntiles] is the stream's end
+    offs = np.zeros((3, ntiles + 1), dtype=np.int64)
+    np.cumsum(sizes, axis=1, out=offs[:, 1:])
+    offs += (head + np.concatenate([[0], np.cumsum(sizes.sum(axis=1))[:-1]]))[:, None]
+    nbytes = (total + 7) // 8
+    out = np.empty(nbytes, dtype=np.uint8)
+    # No writer emits the bytes that end inside the header or the final padding.
+    hb = (head + 7) // 8
+    out[:hb] = 0
+    out[-1] = 0
+    edges = np.empty((3, ntiles, 2), dtype=np.int64)
+    launch(_write_tiles, sym, int(s), idx, cnt, prev, offs, use_delta, out, edges)
+    e = edges.reshape(-1, 2)
+    e = e[e[:, 0] >= 0]
+    np.bitwise_or.at(out, e[:, 0], e[:, 1].astype(np.uint8))
+    word = ((int(use_delta) << (2 * L + 1)) | (nnz + 1)) << (8 * hb - head)
+    out[:hb] |= np.frombuffer(word.to_bytes(hb, "big"), dtype=np.uint8)
+    return out
+
+
+def _log2_np(v: np.ndarray) -> np.ndarray:
+    """``floor(log2 v)`` of positive int64 values below 2^53."""
+    return (np.frexp(v.astype(np.float64))[1] - 1).astype(np.int64)
+
+
+# -- decoder ------------------------------------------------------------------------------
+@kernel
+def _count_ones(words, counts):  # pragma: no cover - compiled
+    # counts[c]: ones in words [c*COUNT_WORDS, ...).
+    n = words.size
+    for c in prange(counts.size):
+        acc = 0
+        for j in range(c * COUNT_WORDS, min(n, (c + 1) * COUNT_WORDS)):
+            acc += _popcount(words[j])
+        counts[c] = acc
+
+
+@serial
+def _nth_one(buf, cum, m):  # pragma: no cover - compiled
+    # Bit position of the m-th one (m >= 1) in buf; cum[c] = ones before word chunk c, and
+    # cum[-1] >= m.
+    lo = 0
+    hi = cum.size - 1
+    while hi - lo > 1:  # last chunk c with cum[c] < m
+        mid = (lo + hi) >> 1
+        if cum[mid] < m:
+            lo = mid
+        else:
+            hi = mid
+    r = m - cum[lo]
+    j = lo * COUNT_WORDS
+    while True:
+        x = _load_be64(buf, 8 * j)
+        p = _popcount(x)
+        if p >= r:
+            break
+        r -= p
+        j += 1
+    for _ in range(r - 1):  # drop the word's first r - 1 ones
+        x &= ~(np.uint64(1 << 63) >> np.uint64(_clz(x)))
+    return 64 * j + _clz(x)
+
+
+@kernel
+def _read_prefixes(buf, start, cum, nnz, use_delta, lg, ll, pbits, fbits, ends, bad
+                   ):  # pragma: no cover - compiled
+    # Block q decodes the unary lengths of nonzeros [q*BLOCK, ...): lg[i] (Lg, or P for
+    # delta) and ll[i]; pbits[q] = its delta-stream bits, fbits[q] = its field bits (gamma
+    # only), ends[q] = bit after its last code. Over-long codes set bad[q].
+    top = 5 if use_delta else MAX_LG
+    for q in prange(pbits.size):
+        i0 = q * BLOCK
+        pos = start if q == 0 else _nth_one(buf, cum, 2 * i0) + 1
+        y = np.uint64(0)
+        sa = 0
+        sb = 0
+        err = False
+        for i in range(i0, min(nnz, i0 + BLOCK)):
+            a, pos, y = _next_unary(buf, pos, y)
+            b, pos, y = _next_unary(buf, pos, y)
+            if a > top or b > MAX_LL:
+                err = True
+                a = 0
+                b = 0
+            lg[i] = a
+            ll[i] = b
+            sa += a
+            sb += b + 1
+        pbits[q] = sa if use_delta else 0
+        fbits[q] = sa + sb
+        ends[q] = pos
+        bad[q] = err
+
+
+@kernel
+def _read_delta(buf, doff, lg, ll, fbits, bad):  # pragma: no cover - compiled
+    # Block q turns its delta prefixes P into Lg = (2^P | low P bits) - 1 and recounts its
+    # field bits.
+    n = lg.size
+    for q in prange(doff.size):
+        pos = doff[q]
+        sf = 0
+        err = False
+        for i in range(q * BLOCK, min(n, (q + 1) * BLOCK)):
+            p = np.int64(lg[i])
+            g = ((1 << p) | _field(buf, pos, p)) - 1
+            pos += p
+            if g > MAX_LG:
+                err = True
+                g = 0
+            lg[i] = g
+            sf += g + ll[i] + 1
+        fbits[q] = sf
+        bad[q] = err
+
+
+@kernel
+def _gap_sums(buf, foff, lg, ll, s, numel, gaps, bad):  # pragma: no cover - compiled
+    # Block q's sum of gaps (capped at numel + 1); a level above s sets bad[q].
+    n = lg.size
+    for q in prange(foff.size):
+        pos = foff[q]
+        tot = 0
+        err = False
+        for i in range(q * BLOCK, min(n, (q + 1) * BLOCK)):
+            a = np.int64(lg[i])
+            b = np.int64(ll[i])
+            f = _field(buf, pos, a + b + 1)
+            pos += a + b + 1
+            err |= ((1 << b) | ((f >> 1) & ((1 << b) - 1))) > s
+            tot = min(tot + ((1 << a) | (f >> (b + 1))), numel + 1)
+        gaps[q] = tot
+        bad[q] = err
+
+
+@kernel
+def _scatter(buf, foff, lg, ll, base, inv, bucket, out):  # pragma: no cover - compiled
+    # Block q owns out[base[q] .. base[q+1]) (the last block: to the end): zeros, then
+    # level * sign * inv[bucket of the position] at each of its nonzeros.
+    n = lg.size
+    nblk = foff.size
+    for q in prange(nblk):
+        stop = base[q + 1] if q + 1 < nblk else out.size
+        out[base[q]:stop] = 0
+        pos = foff[q]
+        p = base[q] - 1
+        for i in range(q * BLOCK, min(n, (q + 1) * BLOCK)):
+            a = np.int64(lg[i])
+            b = np.int64(ll[i])
+            f = _field(buf, pos, a + b + 1)
+            pos += a + b + 1
+            p += (1 << a) | (f >> (b + 1))
+            lev = np.float32((1 << b) | ((f >> 1) & ((1 << b) - 1)))
+            out[p] = (-lev if f & 1 else lev) * inv[p // bucket]
+
+
+def _header(data: np.ndarray, start: int) -> tuple[bool, int, int]:
+    """Gap flag, ``nnz + 1`` and the bit after them, read from bit ``start``."""
+    chunk = data[start >> 3:(start >> 3) + 16]
+    nbits = 8 * chunk.size
+    word = int.from_bytes(chunk.tobytes(), "big")
+    r = start & 7
+    if nbits - r < 2:
+        raise PayloadError("payload truncated while reading the gap flag and nonzero count")
+    flag = (word >> (nbits - r - 1)) & 1
+    rest = nbits - r - 1  # bits after the flag
+    body = word & ((1 << rest) - 1)
+    L = rest - body.bit_length()  # leading zeros of gamma(nnz + 1)
+    if body == 0 or L > 60 or 2 * L + 1 > rest:
+        raise PayloadError("payload truncated or corrupt while reading the nonzero count")
+    value = body >> (rest - 2 * L - 1)
+    return bool(flag), int(value), start + 2 * L + 2
+
+
+def decode(data: np.ndarray, start: int, numel: int, s: int, inv: np.ndarray,
+           bucket: int) -> np.ndarray:
+    """``float32`` tensor of ``numel`` elements from the sparse body in ``data`` (``uint8``)
+    from bit ``start``: ``sign * level * inv[i // bucket]`` at each nonzero, 0 elsewhere."""
+    use_delta, count, pos = _header(data, start)
+    nnz = count - 1
+    if nnz > numel:
+        raise PayloadError(f"qsgd payload claims {nnz} nonzeros in {numel} elements")
+    nbytes = data.size
+    total = 8 * nbytes
+    # whole words, and 8 zero bytes past the data: readers load 8 bytes at a time
+    buf = np.zeros(8 * ((nbytes + 7) // 8 + 1), dtype=np.uint8)
+    buf[:nbytes] = data
+    if nnz == 0:
+        _expect_end(buf, pos, total)
+        return np.zeros(numel, dtype=np.float32)
+    # count only the ones from the unary stream's start on
+    buf[:pos >> 3] = 0
+    buf[pos >> 3] &= 255 >> (pos & 7)
+    words = buf.view(np.uint64)
+    counts = np.empty(-(-words.size // COUNT_WORDS), dtype=np.int64)
+    launch(_count_ones, words, counts)
+    cum = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=cum[1:])
+    if int(cum[-1]) < 2 * nnz:
+        raise PayloadError("payload truncated while reading length prefixes")
+    nblk = -(-nnz // BLOCK)
+    lg = np.empty(nnz, dtype=np.uint8)
+    ll = np.empty(nnz, dtype=np.uint8)
+    pbits, fbits, ends = (np.empty(nblk, dtype=np.int64) for _ in range(3))
+    bad = np.empty(nblk, dtype=np.bool_)
+    launch(_read_prefixes, buf, pos, cum, nnz, use_delta, lg, ll, pbits, fbits, ends, bad)
+    if bad.any():
+        raise PayloadError("qsgd payload has an over-long gap or level code")
+    pos = int(ends[-1])  # end of the unary stream
+    if use_delta:
+        doff = _offsets(pos, pbits, total, "delta prefixes")
+        pos += int(pbits.sum())
+        launch(_read_delta, buf, doff, lg, ll, fbits, bad)
+        if bad.any():
+            raise PayloadError("qsgd payload has an over-long gap code")
+    foff = _offsets(pos, fbits, total, "gaps, levels and signs")
+    _expect_end(buf, pos + int(fbits.sum()), total)
+    gaps = np.empty(nblk, dtype=np.int64)
+    launch(_gap_sums, buf, foff, lg, ll, int(s), numel, gaps, bad)
+    if bad.any():
+        raise PayloadError("qsgd payload has a level out of range")
+    # gaps[q] <= numel + 1 and nblk <= numel, so the sum cannot overflow
+    base = np.zeros(nblk, dtype=np.int64)
+    np.cumsum(gaps[:-1], out=base[1:])
+    if int(base[-1]) + int(gaps[-1]) > numel:  # the last nonzero sits at the sum - 1
+        raise PayloadError("qsgd payload has a position out of range")
+    out = np.empty(numel, dtype=np.float32)
+    launch(_scatter, buf, foff, lg, ll, base, inv, bucket, out)
+    return out
+
+
+def _offsets(start: int, bits: np.ndarray, total: int, what: str) -> np.ndarray:
+    """Start bit of each block's part of a stream; the stream must end by bit ``total``."""
+    off = np.empty(bits.size, dtype=np.int64)
+    off[0] = start
+    np.cumsum(bits[:-1], out=off[1:])
+    off[1:] += start
+    if start + int(bits.sum()) > total:
+        raise PayloadError(f"payload truncated while reading {what}")
+    return off
+
+
+def _expect_end(buf: np.ndarray, pos: int, total: int) -> None:
+    """Only zero padding (< 8 bits) may follow bit ``pos``."""
+    rest = total - pos
+    if rest < 0:
+        raise PayloadError("payload truncated in its sparse body")
+    if rest >= 8 or (rest and int(buf[pos >> 3]) & ((1 << rest) - 1)):
+        raise PayloadError("qsgd payload body extended past its last field")
