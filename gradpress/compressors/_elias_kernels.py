@@ -15,24 +15,29 @@ which is ``2 Lg + 1`` (gamma) or ``Lg + 2 P + 1`` (delta) bits per gap, ``2 Ll +
 level and one per sign: exactly the textbook code lengths, reordered so that every stream
 can be cut into independent pieces.
 
-Encoder: a parallel pass over tiles of symbols counts each tile's nonzeros and the sums of
-``Lg``, ``P``, ``Ll`` (a tile's first gap is fixed up afterwards, when the previous tile's
-last nonzero is known); prefix sums give each tile its bit offset in each stream; a second
-parallel pass writes every tile's bits. A tile writes the bytes it owns outright; its first
-byte and its trailing partial byte may hold other tiles' bits too, so those go to a small
-edge table and are OR-ed in afterwards. The bytes do not depend on the thread count.
+Encoder: a parallel pass over tiles of ``TILE`` symbols compacts each tile's nonzero
+offsets (8 symbols per step, branch-free) and sums ``Lg``, ``P``, ``Ll`` (a tile's first gap
+is fixed up afterwards, once the previous tile's last nonzero is known); prefix sums give
+every tile its bit offset in each stream; a second parallel pass writes the bits. Each byte
+is written by the one segment (tile and stream) that holds its last bit, whole 64-bit words
+at a time (a segment's first byte with zeros where the previous segment's bits go); a
+segment's trailing partial byte goes to a small edge table and is OR-ed in afterwards. The
+bytes do not depend on the thread count.
 
-Decoder: the ones of the unary stream are counted per chunk of bytes (parallel), so a block
-of ``K`` nonzeros finds where its codes start by a prefix sum and a short scan. Then one
-parallel pass per stream over blocks: unary lengths, delta prefixes, then the fields twice
-(gap sums per block for the positions, then the scatter, which also writes the zeros).
-numba does no bounds checks, so before a pass reads a stream its end is checked against the
-payload, every decoded length is checked against the format's limits (``Lg <= 40``,
-``Ll <= 7``, ``l <= s``) and the positions against ``numel``; readers keep 8 zero bytes of
-padding ahead. Anything malformed raises :class:`PayloadError`.
+Decoder: the ones from the unary stream's start on are counted per chunk of 64-bit words,
+so a block of ``BLOCK`` nonzeros finds where its codes start by a prefix sum and a short
+scan. Then one parallel pass per stream over blocks: unary lengths (several per 64-bit
+window), delta prefixes, then the fields twice (gap sums per block for the positions, then
+the scatter, which also writes the zeros). numba does no bounds checks, so before a pass
+reads a stream its end is checked against the payload, every decoded length against the
+format's limits (``Lg <= 40``, ``Ll <= 7``, ``l <= s``) and the positions against ``numel``;
+the 2*nnz ones the unary pass relies on are counted before it starts; readers keep 8 zero
+bytes of padding ahead. Anything malformed raises :class:`PayloadError`.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -41,6 +46,9 @@ from numba.extending import intrinsic
 
 from gradpress._jit import kernel, launch, serial
 from gradpress.errors import PayloadError
+
+if sys.byteorder != "little":  # _compact reads 8 symbols as one native word
+    raise ImportError("gradpress' Elias kernels assume a little-endian machine")
 
 #: Symbols per encoder tile (a parallel work item; a multiple of 8).
 TILE = 1 << 14
@@ -55,7 +63,6 @@ MAX_LL = 7
 
 _LOG8 = np.array([0] + [i.bit_length() - 1 for i in range(1, 256)], dtype=np.int64)
 _ONES = np.uint64(0x0101010101010101)
-_TOP8 = np.uint64(0xFF00000000000000)
 
 
 # -- machine words (LLVM intrinsics: numba has no public clz/popcount/unaligned load) ------
@@ -358,11 +365,12 @@ def _log2_np(v: np.ndarray) -> np.ndarray:
 
 
 # -- decoder ------------------------------------------------------------------------------
-@kernel
+@serial
 def _count_ones(words, counts):  # pragma: no cover - compiled
-    # counts[c]: ones in words [c*COUNT_WORDS, ...).
+    # counts[c]: ones in words [c*COUNT_WORDS, ...). One thread: a popcount per 8 bytes is
+    # cheaper than waking the pool.
     n = words.size
-    for c in prange(counts.size):
+    for c in range(counts.size):
         acc = 0
         for j in range(c * COUNT_WORDS, min(n, (c + 1) * COUNT_WORDS)):
             acc += _popcount(words[j])
@@ -527,7 +535,7 @@ def decode(data: np.ndarray, start: int, numel: int, s: int, inv: np.ndarray,
     buf[pos >> 3] &= 255 >> (pos & 7)
     words = buf.view(np.uint64)
     counts = np.empty(-(-words.size // COUNT_WORDS), dtype=np.int64)
-    launch(_count_ones, words, counts)
+    _count_ones(words, counts)
     cum = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=cum[1:])
     if int(cum[-1]) < 2 * nnz:

@@ -16,8 +16,8 @@ Bits. A mode byte, ``32`` bits of float32 norm per bucket, then the cheaper of
   (``= 1 + ceil(log2(s+1))``: sign and level), ``d*w`` bits;
 * sparse (QSGD's "Elias coding", Sec. 3.1/Thm 3.2): gap flag, ``nnz``, the gaps between
   nonzero positions in Elias gamma or delta (whichever is smaller), one sign bit and the
-  level in Elias gamma per nonzero. Codes are written in split streams (see ``_fastcodes``)
-  at exactly the textbook lengths;
+  level in Elias gamma per nonzero. Codes are written in split streams at exactly the
+  textbook lengths, by compiled parallel kernels (layout in ``_elias_kernels``);
 * with ``entropy=True`` (or ``"range"``), the dense symbols range-coded (``codec.entropy``);
 * with ``entropy="huffman"``, the dense symbols in a canonical Huffman code fitted to this
   payload (``codec.huffman``: ``4*levels`` bits of code lengths, then ``sum count_k L_k``
