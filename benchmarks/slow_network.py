@@ -223,6 +223,20 @@ def table(rows: list[dict], rate: str, target: float) -> str:
     return "\n".join(lines)
 
 
+def text_chart(rows: list[dict], width: int = 40) -> str:
+    """Time to target as a text bar chart (the README shows it; plots are not committed)."""
+    ok = [r for r in rows if not r["failed"] and r["reached"]]
+    if not ok:
+        return ""
+    top = max(r["time_to_target_s"] for r in ok)
+    pad = max(len(r["label"]) for r in ok)
+    lines = []
+    for r in sorted(ok, key=lambda r: r["time_to_target_s"]):
+        bar = "█" * max(1, round(width * r["time_to_target_s"] / top))
+        lines.append(f"{r['label']:<{pad}}  {bar:<{width}}  {r['time_to_target_s']:5.1f} s")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -292,7 +306,7 @@ def main() -> int:
                            f"{r['time_to_target_s']}, acc {r['final_acc']:.3f}"), flush=True)
     finally:
         net.close()
-    md = table(rows, args.rate, args.target)
+    md = table(rows, args.rate, args.target) + "\n\n```\n" + text_chart(rows) + "\n```"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"\n{stamp}, {os.cpu_count()} CPUs, gloo over veth + tc tbf {args.rate}\n\n{md}")
     res = {"date": stamp, "rate": args.rate, "target": args.target, "notes": net.notes,
