@@ -42,6 +42,7 @@ import argparse
 import atexit
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,9 @@ def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         out += _more(args)
     if args.only:
         out = [m for m in out if any(k in m[0] for k in args.only.split(","))]
+    for spec in args.method:
+        label, _, rest = spec.partition("=")
+        out.append((label.strip(), shlex.split(rest)))
     return out
 
 
@@ -271,6 +275,9 @@ def main() -> int:
     p.add_argument("--bucket-cap-mb", type=float, default=25.0,
                    help="DDP bucket size of every method but PowerSGD (one bucket)")
     p.add_argument("--only", default="", help="comma-separated substrings of method labels")
+    p.add_argument("--method", action="append", default=[], metavar="LABEL=ARGS",
+                   help="an extra method: a label, '=', then train_worker arguments, e.g. "
+                        "'ecq s=3=--compressor ecq --compressor-args s=3' (repeatable)")
     p.add_argument("--powersgd-multibucket", action="store_true",
                    help="also run PyTorch's PowerSGD with several buckets (may abort)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="netem delay (if available)")
