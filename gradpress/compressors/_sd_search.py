@@ -1,31 +1,47 @@
-"""Streaming grid search of deterministic Sparse Dithering (``sparse_dithering``'s docstring
-states the math; ``sparse_dithering._budget_round`` is the one-shot reference it reproduces).
+"""Grid search of deterministic Sparse Dithering in compiled passes (``sparse_dithering``'s
+docstring states the math; ``sparse_dithering._budget_round`` is the one-shot reference it
+reproduces).
 
 For each grid ``c = base * r`` the budgeted rounding of ``u = |x| / c`` keeps ``floor(u)`` and
 rounds up the largest gains ``g = 2 frac(u) - 1`` until ``sum frac^2 - budget`` is met; the
-threshold lies in one bin of a 4096-bin histogram of ``g`` (mass and count per bin), and only
-that bin needs sorting. Pass 1 (one per ``r``, in chunks) collects the histogram, ``sum floor``
-and ``sum frac^2``; the level sum of grid ``r`` is then known up to the count taken from the
-threshold bin, bounded by the bin's edges. Only grids whose bounds reach the best one are
-resolved exactly (pass 2: the threshold bin's gains in coordinate order, sorted as the
-reference sorts them); pass 3 emits the chosen levels chunk by chunk with the sums for the
-least-squares scale. Results equal the reference up to float64 summation order.
+threshold lies in one bin of a 4096-bin histogram of ``g`` (count and mass per bin, exact:
+``_sd_kernels`` explains why the gains are integers in units of ``2^-23``), and only that
+bin needs sorting.
+
+1. :func:`scan` (one pass per ``r``): the histogram, ``sum floor`` and ``sum frac^2``, per
+   block. The level sum of grid ``r`` is then known up to the count taken from the
+   threshold bin, bounded by the bin's edges (:meth:`Grid.bounds`).
+2. :func:`resolve` (only grids whose bounds reach the best one): the threshold bin's gains
+   in coordinate order, sorted by ``torch.sort`` exactly as the reference sorts them (its
+   order among equal gains decides which coordinates round up).
+3. :func:`emit`: the body of the chosen grid, with the sums for the least-squares scale.
+
+Results equal the reference up to float64 summation order (of ``sum frac^2`` and the scale's
+sums); every pass is parallel over blocks and independent of the thread count.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-_BINS = 4096
+from gradpress._jit import launch
+from gradpress.compressors import _sd_kernels as K
+from gradpress.compressors._level_codec import BodyLayout
+
+_BINS = K.NBINS
+#: Largest ``|x| / c`` the kernels take (``trunc`` through int32, ``k^2`` summed in int64);
+#: beyond it (over 2^26 unary bits for one coordinate) the caller uses the reference.
+MAX_U = float(2**26)
 
 
 @dataclass
 class Grid:
-    """Pass-1 statistics of one grid; ``j``/``res``: threshold bin and the gain it supplies."""
+    """Pass-1 statistics of one grid; ``j``/``res``: threshold bin and the gain it supplies;
+    per block: ``sum floor`` (``floors``), count above bin ``j`` and in bin ``j``."""
 
     c: float
     floor_sum: float
@@ -37,6 +53,9 @@ class Grid:
     lo: float = 0.0
     hi: float = 0.0
     inbin: torch.Tensor | None = None  # chosen positions inside the threshold bin (sorted)
+    floors: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    above: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    binj: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def bounds(self) -> tuple[float, float]:
         """Least and largest possible level sum."""
@@ -51,73 +70,69 @@ class Grid:
         return base + low, base + max(low, high)
 
 
-def _frac(a: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``floor(u)`` and ``frac(u)`` of ``u = a / c >= 0``, exact (``torch.frac``: float32
-    ``torch.floor`` forks threads from 2048 elements on, 100x slower on busy cores)."""
-    u = a / c
-    f = torch.frac(u)
-    return u - f, f
+def norm2(x: np.ndarray, block: int) -> tuple[float, float]:
+    """``(||x||^2, max |x|)``: float64 sums per block, then over blocks in order."""
+    n = -(-x.size // block)
+    part = np.zeros(n, dtype=np.float64)
+    amax = np.zeros(n, dtype=np.int32)
+    launch(K._sumsq, x, x.view(np.int32), block, part, amax)
+    return float(sum(part.tolist())), float(amax.view(np.float32).max()) if n else 0.0
 
 
-def _bins(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gains ``g = 2 frac - 1`` (float64; 0 where ``frac <= 1/2``) and their bins: ``0`` for
-    ``frac <= 1/2``, else ``1 + floor(4096 g)`` (no compaction: ``nonzero`` is slow)."""
-    g = (2 * f - 1).double()
-    b = torch.clamp((g * _BINS).long(), 0, _BINS - 1).add_(1).mul_(g > 0)
-    return g.clamp_min_(0.0), b
-
-
-def scan(chunks, c: float, budget: float) -> Grid | None:
-    """Pass 1 for the grid ``c``; ``None`` if no rounding fits the budget."""
-    mass = torch.zeros(_BINS, dtype=torch.float64)
-    count = torch.zeros(_BINS, dtype=torch.int64)
-    floor_sum = sq = 0.0
-    for a in chunks():
-        k, f = _frac(a, c)
-        floor_sum += float(k.sum(dtype=torch.float64))
-        sq += float((f * f).sum(dtype=torch.float64))
-        g, b = _bins(f)
-        mass += torch.bincount(b, weights=g, minlength=_BINS + 1)[1:]
-        count += torch.bincount(b, minlength=_BINS + 1)[1:]
-    grid = Grid(c, floor_sum, sq - budget)
+def scan(x: np.ndarray, c: float, budget: float, block: int) -> Grid | None:
+    """Pass 1 for the grid ``c`` (float32 arithmetic) on float32 ``x``; ``None`` if no
+    rounding fits the budget."""
+    n = -(-x.size // block)
+    hist = np.empty((n, _BINS, 2), dtype=np.int64)
+    floors = np.zeros(n, dtype=np.int64)
+    sq = np.zeros(n, dtype=np.float64)
+    launch(K._scan, x, np.float32(c), block, hist, floors, sq)
+    grid = Grid(c, float(floors.sum()), float(sum(sq.tolist())) - budget, floors=floors)
     if grid.need <= 0:
         return grid
-    if int(count.sum()) == 0 or float(mass.sum()) < grid.need:
+    count = hist[:, :, 0].sum(0)
+    mass = hist[:, :, 1].sum(0)  # in units of 2^-23: exact, below 2^53
+    if int(count.sum()) == 0 or float(mass.sum()) * 2.0**-23 < grid.need:
         return None
-    tail = torch.flip(torch.cumsum(torch.flip(mass, [0]), 0), [0])
-    j = int(torch.nonzero(tail >= grid.need).max())
+    tail = np.cumsum(mass[::-1])[::-1] * 2.0**-23  # tail[j] = sum of bins >= j, exact
+    j = int(np.flatnonzero(tail >= grid.need).max())
     above = float(tail[j + 1]) if j + 1 < _BINS else 0.0
     grid.j, grid.res = j, grid.need - above
     grid.above_count = int(count[j + 1:].sum())
     grid.bin_count = int(count[j])
     grid.lo, grid.hi = j / _BINS, (j + 1) / _BINS
+    grid.above = hist[:, j + 1:, 0].sum(1)
+    grid.binj = hist[:, j, 0].copy()
     return grid
 
 
-def resolve(chunks, grid: Grid, step: int) -> None:
+def resolve(x: np.ndarray, grid: Grid, block: int) -> None:
     """Pass 2: the threshold bin's chosen positions (``grid.inbin``)."""
     if grid.need <= 0 or grid.inbin is not None:
         return
-    pos, gains = [], []
-    for n, a in enumerate(chunks()):
-        _, f = _frac(a, grid.c)
-        g, b = _bins(f)
-        sel = torch.from_numpy(np.flatnonzero((b == grid.j + 1).numpy()))
-        pos.append(sel + n * step)
-        gains.append(g[sel])
-    where, gs = torch.cat(pos), torch.cat(gains)
-    gs, order = torch.sort(gs, descending=True)
+    offs = np.concatenate([[0], np.cumsum(grid.binj)])
+    pos = np.zeros(int(offs[-1]), dtype=np.int64)
+    gains = np.zeros(int(offs[-1]), dtype=np.int64)
+    launch(K._gather, x, np.float32(grid.c), block, grid.j, offs, pos, gains)
+    gs, order = torch.sort(torch.from_numpy(gains * 2.0**-23), descending=True)
     m = int((torch.cumsum(gs, 0) < grid.res).sum())  # first index reaching the need
-    grid.inbin = torch.sort(where[order[:m + 1]]).values
+    grid.inbin = torch.sort(torch.from_numpy(pos)[order[:m + 1]]).values
 
 
-def levels(chunks, grid: Grid, step: int):
-    """Pass 3: yield the chosen unsigned levels (float64) chunk by chunk."""
-    inbin = grid.inbin if grid.inbin is not None else torch.zeros(0, dtype=torch.int64)
-    for n, a in enumerate(chunks()):
-        k, f = _frac(a, grid.c)
-        if grid.need > 0:
-            k += _bins(f)[1] > grid.j + 1
-            lo, hi = torch.searchsorted(inbin, torch.tensor([n * step, (n + 1) * step])).tolist()
-            k[inbin[lo:hi] - n * step] += 1
-        yield k.double()
+def emit(x: np.ndarray, grid: Grid, block: int) -> tuple[BodyLayout, float, float]:
+    """Pass 3: the unary-mode body of ``grid`` (scale not yet written), ``sum |x| k`` and
+    ``sum k^2``."""
+    resolve(x, grid, block)
+    n = grid.floors.size
+    chosen = (grid.inbin.numpy() if grid.inbin is not None else np.zeros(0, dtype=np.int64))
+    cstart = np.searchsorted(chosen, np.arange(n, dtype=np.int64) * block)
+    ksum = grid.floors + np.diff(np.concatenate([cstart, [chosen.size]]))
+    up = grid.need > 0
+    if up:
+        ksum = ksum + grid.above
+    lay = BodyLayout(x.size, ksum)
+    sak = np.zeros(n, dtype=np.float64)
+    skk = np.zeros(n, dtype=np.float64)
+    launch(K._emit_grid, x, np.float32(grid.c), grid.j if up else K.NBINS, chosen, cstart,
+           block, lay.ubase, K.GROUP_WIDTH, lay.out, lay.ev, lay.ei, lay.ends, sak, skk)
+    return lay, float(sum(sak.tolist())), float(sum(skk.tolist()))

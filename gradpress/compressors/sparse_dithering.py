@@ -47,10 +47,11 @@ covered by the ``log2 d`` term and the slack of ``sum k_i`` on every real vector
 With ``entropy=True`` the signed levels are also range-coded with their own histogram
 (``codec.entropy``: ``n H + O(K log d)``) and the shorter body is sent.
 
-**Implementation.** The bit format lives in ``_level_codec`` (written and read in chunks of
-31900 coordinates); the deterministic unary-mode search streams over the same chunks
-(``_sd_search``, equal to :func:`_budget_round` per grid up to float64 summation order), and
-the randomized encoder draws its uniforms chunk by chunk from the same stream as one call.
+**Implementation.** Compiled kernels (``_sd_kernels``), parallel over blocks of coordinates
+and independent of the thread count. The bit format lives in ``_level_codec``; the
+deterministic unary-mode search is ``_sd_search`` (one histogram pass per grid, equal to
+:func:`_budget_round` per grid up to float64 summation order); the randomized encoder draws
+its uniforms block by block from the same stream as one ``torch.rand(d)`` call.
 """
 
 from __future__ import annotations
@@ -63,28 +64,22 @@ import numpy as np
 import torch
 
 from gradpress.codec.entropy import entropy_bits
+from gradpress.compressors import _sd_kernels as K
 from gradpress.compressors import _sd_search as _sd
 from gradpress.compressors._level_codec import (
     CHUNK,
-    LevelSink,
+    blocks,
     decode_levels,  # noqa: F401 (re-export)
     decode_values,
     encode_levels,
     trit_bits,
+    write_levels,
 )
 from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
 
 #: Grid multipliers ``r`` tried by the deterministic encoder (stops at the first infeasible).
 _STEPS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.3, 2.6, 3.0, 3.5, 4.0, 5.0)
-
-
-def _sum_squares(flat: torch.Tensor, step: int) -> float:
-    """``||x||^2`` in float64, chunk by chunk."""
-    total = 0.0
-    for s in range(0, flat.numel(), step):
-        total += float(flat[s:s + step].double().square_().sum())
-    return total
 
 
 def _unary_cost(d: int, k: torch.Tensor) -> int:
@@ -250,22 +245,22 @@ class SparseDithering(Compressor):
         return body
 
     def _encode_streaming(self, flat: torch.Tensor) -> bytes | None:
-        """The unary-mode search of :meth:`_levels` in cache-sized chunks (``_sd_search``);
-        ``None`` where :meth:`_levels` must decide (zero vector, no feasible grid, or the
-        float32 search missing the budget)."""
-        d = flat.numel()
-        step = CHUNK if flat.device.type == "cpu" else d
-        nx2 = _sum_squares(flat, step)
+        """The unary-mode search of :meth:`_levels` in compiled passes (``_sd_search``);
+        ``None`` where :meth:`_levels` must decide (zero vector, no feasible grid, levels
+        beyond the float32 kernels' range, or the float32 search missing the budget)."""
+        x = np.ascontiguousarray(flat.detach().to("cpu", torch.float32).numpy())
+        d = x.size
+        block = K.block_len(d, CHUNK)
+        nx2, amax = _sd.norm2(x, block)
         if nx2 == 0.0:
             return None
-
-        def chunks():
-            return (flat[s:s + step].abs() for s in range(0, d, step))
-
         base = 2.0 * math.sqrt(nx2) * math.sqrt(self.nu / d) * (1 - 1e-6)
+        if not amax / float(np.float32(base)) < _sd.MAX_U:
+            return None
         grids = []
         for r in _STEPS[:self.max_steps]:
-            grid = _sd.scan(chunks, float(base * r), self.nu * nx2 / (base * r) ** 2 * (1 - 1e-5))
+            grid = _sd.scan(x, float(base * r), self.nu * nx2 / (base * r) ** 2 * (1 - 1e-5),
+                            block)
             if grid is None:
                 break
             grids.append(grid)
@@ -274,20 +269,14 @@ class SparseDithering(Compressor):
         best = min(g.bounds()[1] for g in grids)
         for g in grids:  # exact level sums where the bounds do not separate the grids
             if g.bounds()[0] <= best:
-                _sd.resolve(chunks, g, step)
+                _sd.resolve(x, g, block)
         best = min(g.bounds()[0] for g in grids)
         grid = next(g for g in grids if g.bounds()[0] == best)  # the first cheapest
-        _sd.resolve(chunks, grid, step)
-        sink, s_ak, s_kk = LevelSink(), 0.0, 0.0
-        for n, k in enumerate(_sd.levels(chunks, grid, step)):
-            x = flat[n * step:(n + 1) * step]
-            s_ak += float((x.double().abs_() * k).sum())
-            s_kk += float((k * k).sum())
-            sink.add(k.to("cpu", torch.int64), (x < 0).cpu())
+        body, s_ak, s_kk = _sd.emit(x, grid, block)
         scale = float(np.float32(s_ak / s_kk)) if s_kk > 0 else 0.0
         if nx2 - 2 * scale * s_ak + scale * scale * s_kk > self.nu * nx2 * (1 - 1e-7):
             return None
-        return sink.body(scale, False)
+        return body.finish(scale)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         return decode_values(body, numel, self.name).to(device)
@@ -327,21 +316,31 @@ class SparseDitheringRand(Compressor):
         return 30 + math.log2(d) + (math.log2(3) + 1 / (2 * math.sqrt(self.omega_))) * d
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
-        d = flat.numel()
-        step = CHUNK if flat.device.type == "cpu" else d
-        nx2 = _sum_squares(flat, step)
+        x = np.ascontiguousarray(flat.detach().to("cpu", torch.float32).numpy())
+        d = x.size
+        nx2, amax = _sd.norm2(x, K.block_len(d, CHUNK))
         delta = float(np.float32(2.0 * math.sqrt(nx2) * math.sqrt(self.omega_ / d)))
         if not (delta > 0 and math.isfinite(delta)):  # zero vector (or below float32's range)
             return encode_levels(0.0, torch.zeros(d, dtype=torch.int64), self.entropy)
-        sink = LevelSink(keep_levels=self.entropy)
-        for s in range(0, d, step):  # chunk by chunk: same stream of uniforms as one call
-            x = flat[s:s + step]
-            u = x.double().abs_().div_(delta)
-            f = torch.frac(u)  # u >= 0: exact, and no thread fork (unlike torch.floor)
-            rnd = torch.rand(x.numel(), generator=gen, device=flat.device, dtype=torch.float64)
-            k = u.sub_(f).add_(rnd < f)
-            sink.add(k.to("cpu", torch.int64), (x < 0).cpu())
-        return sink.body(delta, self.entropy)
+        top = amax / delta + 1  # bound on every level
+        if not top < 2.0**53:
+            raise ValueError(f"sparse_dithering_rand omega={self.omega_} is too small for this "
+                             "vector: its levels would exceed 2^53")
+        k = np.empty(d, dtype=np.uint8 if top < 255 else np.uint16 if top < 65535 else np.int64)
+        block, n = blocks(d)
+        ksum = np.zeros(n, dtype=np.int64)
+        kmax = np.zeros(n, dtype=np.int64)
+        cpu = flat.device.type == "cpu"
+        # Uniforms block by block into one buffer: the same stream as one torch.rand(d) call
+        # (another device's generator draws all d at once on its device, as before).
+        rnd = torch.empty(block if cpu else d, dtype=torch.float64, device=flat.device)
+        if not cpu:
+            whole = rnd.uniform_(0.0, 1.0, generator=gen).cpu().numpy()
+        for b in range(n):
+            s, e = b * block, min(d, (b + 1) * block)
+            r = rnd[:e - s].uniform_(0.0, 1.0, generator=gen).numpy() if cpu else whole[s:e]
+            ksum[b], kmax[b] = K._rand_levels(x[s:e], r, delta, k[s:e])
+        return write_levels(delta, k, x, self.entropy, (ksum, kmax))
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         return decode_values(body, numel, self.name).to(device)
