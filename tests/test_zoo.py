@@ -381,8 +381,40 @@ def test_huffman_mode_is_exact_smaller_and_decodes_the_same(name, kw):
     assert q.body[0] == 3 and len(q.body) < len(p.body)  # mode HUFFMAN, smaller
     assert torch.equal(plain.decode(p), huff.decode(q))
     sym = fc.scaled_quantize(x, plain.bucket_size, plain.norm, plain.gain, plain.offset,
-                             plain.levels, 2, None)[1].numpy()
-    counts = np.bincount(sym, minlength=plain.levels)
+                             plain.levels, 2, None)[1].numpy().astype(np.int64)
+    size = plain.levels
+    if plain.levels <= 4:  # letters are pairs levels*a + b (x has an even length here)
+        sym, size = sym[0::2] * plain.levels + sym[1::2], plain.levels ** 2
+    counts = np.bincount(sym, minlength=size)
     bits = int((counts * hf.code_lengths(counts).astype(np.int64)).sum())
-    head = 8 + 32 * fc.n_buckets(x.numel(), plain.bucket_size) + 4 * plain.levels
+    head = 8 + 32 * fc.n_buckets(x.numel(), plain.bucket_size) + 4 * size
     assert len(q.body) == (head + 7) // 8 + (bits + 7) // 8
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 513, 1001])
+def test_huffman_pairs_round_trip_odd_lengths_and_reject_a_bad_pad(n):
+    c = gradpress.get("ecq", s=3, entropy="huffman")
+    x = _gauss(n, 3)
+    p = c.encode(x, seed=1)
+    assert torch.equal(c.decode(p), gradpress.get("ecq", s=3).decode(
+        gradpress.get("ecq", s=3).encode(x, seed=1)))
+    if n % 2 and p.body[0] == 3:
+        # rewrite the body with the last pair's pad half set to 1 (letter +1)
+        w = cbits.BitReader(p.body)
+        w.read_uint(1, 8)
+        scales = w.read_float32(fc.n_buckets(n, c.bucket_size))
+        from gradpress.compressors.dithering import HUFFMAN
+        sym = fc.scaled_quantize(x, c.bucket_size, c.norm, c.gain, c.offset, 3, 1, None)[1]
+        s = np.append(sym.numpy(), np.uint8(1))
+        letters = s[0::2] * 3 + s[1::2]
+        lengths = hf.code_lengths(np.bincount(letters, minlength=9) + 1)
+        bw = cbits.BitWriter()
+        bw.write_uint(HUFFMAN, 8)
+        bw.write_float32(scales)
+        bw.write_uint(lengths, 4)
+        data, _ = hf.encode(letters.astype(np.uint8), lengths)
+        bw.align()
+        bw.write_bytes(data)
+        bad = Payload(p.compressor_id, p.dtype, p.shape, bw.getvalue())
+        with pytest.raises(PayloadError, match="pads its last pair"):
+            c.decode(bad)

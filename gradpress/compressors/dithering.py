@@ -20,9 +20,11 @@ Bits. A mode byte, ``32`` bits of float32 norm per bucket, then the cheaper of
   textbook lengths, by compiled parallel kernels (layout in ``_elias_kernels``);
 * with ``entropy=True`` (or ``"range"``), the dense symbols range-coded (``codec.entropy``);
 * with ``entropy="huffman"``, the dense symbols in a canonical Huffman code fitted to this
-  payload (``codec.huffman``: ``4*levels`` bits of code lengths, then ``sum count_k L_k``
-  bits, within one bit per symbol of the empirical entropy). Much faster than range
-  coding; for ``levels <= 16``.
+  payload (``codec.huffman``): letters are pairs of symbols ``levels*a + b`` when
+  ``levels <= 4`` (a trailing odd symbol paired with 0), single symbols otherwise; then
+  ``4`` bits of code length per letter of the alphabet and ``sum count_k L_k`` bits,
+  within one bit per letter of the empirical entropy. Much faster than range coding; for
+  ``levels <= 16``.
 
 ``expected_bits`` uses the paper's Theorem 3.2 bound per bucket of ``n`` elements,
 ``(3 + 1.5 log2(2(s^2+n)/(s(s+sqrt n)))) * s(s+sqrt n)`` (the ``o(1)`` dropped), or the dense
@@ -35,7 +37,8 @@ Gaussian vectors with the defaults ``s=4, bucket_size=512``: 29-42% under it; wi
 of ``s`` uniformly spaced points ``{-M + 2Mk/(s-1)}_{k=0..s-1}`` spanning ``[-M, M]``, with
 stochastic rounding to the two neighbouring points (unbiased). Bits: ``8 + 32*#buckets +
 d*ceil(log2 s)``; with ``entropy=True``/``"huffman"`` the codes are range-/Huffman-coded when
-that is smaller (a ternary ``s=3`` codebook on gradients: ~1.26 bits per coordinate). The
+that is smaller (a ternary ``s=3`` codebook on gradients, pairs Huffman-coded: ~1.13 bits
+per coordinate). The
 rounding variance is at most ``(M/(s-1))^2`` per coordinate and ``M <= ||v||_2``, so
 ``omega = n/(s-1)^2``. (The paper's text was not available offline while writing this; the
 codebook and scaling follow its Sec. 3 description of uniformly distributed quantization
@@ -142,11 +145,25 @@ class UniformQuantizer(Compressor):
         write_categorical(w, sym_np, self.levels)
         return w.getvalue()
 
+    @property
+    def _huffman_alphabet(self) -> tuple[int, int]:
+        """(symbols per Huffman letter, alphabet size): pairs ``levels*a + b`` when they fit
+        in 16 letters (ternary: 9), single symbols otherwise."""
+        if self.levels ** 2 <= huffman.MAX_SYMBOLS:
+            return 2, self.levels ** 2
+        return 1, self.levels
+
     def _huffman_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes:
-        lengths = huffman.code_lengths(huffman.symbol_counts(sym_np, self.levels))
+        per, size = self._huffman_alphabet
+        letters = sym_np
+        if per == 2:  # a trailing odd symbol is paired with 0
+            letters = np.zeros((sym_np.size + 1) // 2, dtype=np.uint8)
+            letters += sym_np[0::2] * np.uint8(self.levels)
+            letters[:sym_np.size // 2] += sym_np[1::2]
+        lengths = huffman.code_lengths(huffman.symbol_counts(letters, size))
         w = self._start(HUFFMAN, scale)
         w.write_uint(lengths, 4)
-        data, nbits = huffman.encode(sym_np, lengths)
+        data, nbits = huffman.encode(letters, lengths)
         w.align()
         w.write_bytes(data)
         return w.getvalue()
@@ -182,12 +199,21 @@ class UniformQuantizer(Compressor):
                                    f"0..{self.levels - 1}")
             sym_np = coded.astype(np.uint8)
         elif mode == HUFFMAN and self.levels <= huffman.MAX_SYMBOLS:
-            lengths = r.read_uint(self.levels, 4)
+            per, size = self._huffman_alphabet
+            lengths = r.read_uint(size, 4)
             r.align()
             rest = r.read_bytes(r.remaining // 8)
-            sym_np, used = huffman.decode(rest, numel, lengths)
+            letters, used = huffman.decode(rest, -(-numel // per), lengths)
             if (used + 7) // 8 != rest.size or (used % 8 and int(rest[-1]) & (0xFF >> used % 8)):
                 raise PayloadError(f"{self.name} payload extended past its Huffman body")
+            sym_np = letters
+            if per == 2:
+                sym_np = np.empty(2 * letters.size, dtype=np.uint8)
+                np.divmod(letters, np.uint8(self.levels), out=(sym_np[0::2], sym_np[1::2]))
+                if numel % 2 and sym_np[-1]:
+                    raise PayloadError(f"{self.name} payload pads its last pair with a "
+                                       "non-zero symbol")
+                sym_np = sym_np[:numel]
         elif mode == SPARSE:
             return self._decode_sparse(body, r.pos, numel, inv.to(device), device)
         else:
