@@ -40,11 +40,10 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from gradpress._jit import kernel, launch, serial
+from gradpress._words import _clz, _load64, _load_be64, _popcount, _store64, _store_be64
 from gradpress.errors import PayloadError
 
 if sys.byteorder != "little":  # _compact reads 8 symbols as one native word
@@ -65,62 +64,6 @@ _LOG8 = np.array([0] + [i.bit_length() - 1 for i in range(1, 256)], dtype=np.int
 _ONES = np.uint64(0x0101010101010101)
 
 
-# -- machine words (LLVM intrinsics: numba has no public clz/popcount/unaligned load) ------
-@intrinsic
-def _clz(typingctx, x):
-    """Leading zeros of a ``uint64`` (64 for 0), as ``int64``."""
-    def codegen(context, builder, sig, args):
-        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
-    return types.int64(types.uint64), codegen
-
-
-@intrinsic
-def _popcount(typingctx, x):
-    """Set bits of a ``uint64``, as ``int64``."""
-    def codegen(context, builder, sig, args):
-        return builder.ctpop(args[0])
-    return types.int64(types.uint64), codegen
-
-
-def _word_ptr(context, builder, sig, args):
-    data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
-    return builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer())
-
-
-@intrinsic
-def _load64(typingctx, arr, idx):
-    """The 8 bytes from element ``idx`` of ``arr`` (unchecked) as a native ``uint64``."""
-    def codegen(context, builder, sig, args):
-        return builder.load(_word_ptr(context, builder, sig, args), align=1)
-    return types.uint64(arr, types.int64), codegen
-
-
-@intrinsic
-def _store64(typingctx, arr, idx, v):
-    """Write ``uint64`` ``v`` natively into the 8 bytes from element ``idx`` of ``arr``
-    (unchecked)."""
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _word_ptr(context, builder, sig, args), align=1)
-        return context.get_dummy_value()
-    return types.void(arr, types.int64, types.uint64), codegen
-
-
-@intrinsic
-def _load_be64(typingctx, arr, idx):
-    """Bytes ``arr[idx:idx+8]`` (uint8, unchecked) as a big-endian ``uint64``: the first
-    byte in the top bits, so bit order is stream order."""
-    def codegen(context, builder, sig, args):
-        return builder.bswap(builder.load(_word_ptr(context, builder, sig, args), align=1))
-    return types.uint64(arr, types.int64), codegen
-
-
-@intrinsic
-def _store_be64(typingctx, arr, idx, v):
-    """Write ``uint64`` ``v`` big-endian into ``arr[idx:idx+8]`` (uint8, unchecked)."""
-    def codegen(context, builder, sig, args):
-        builder.store(builder.bswap(args[2]), _word_ptr(context, builder, sig, args), align=1)
-        return context.get_dummy_value()
-    return types.void(arr, types.int64, types.uint64), codegen
 
 
 @serial

@@ -14,11 +14,10 @@ inside its buffers on any bytes (reads past the body see zeros).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from gradpress._jit import kernel, serial
+from gradpress._words import _clz
 from gradpress.compressors._sd_kernels import HEAD, POW3, SUB, TRIT_BITS, TRITS
 
 #: Bytes per block of the zero-count table.
@@ -118,14 +117,6 @@ def _nth_zero(buf, u0, zpre, z):  # pragma: no cover - compiled
     return -1
 
 
-@intrinsic
-def _clz64(typingctx, src):
-    """Leading zero bits of a uint64 (LLVM ``ctlz``: one instruction; 64 for 0)."""
-    def codegen(context, builder, signature, args):
-        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
-    return types.uint64(types.uint64), codegen
-
-
 @serial
 def _load64(buf, q):  # pragma: no cover - compiled
     # Eight bytes from q, big-endian (zeros past buf).
@@ -172,7 +163,7 @@ def _decode_blocks(buf, nbytes, trits, B, u0, zpre, nnz_before, scale, want_leve
                         zw = top
                         break
                     zw = ~_load64(buf, q)
-                lz = _clz64(zw)
+                lz = np.uint64(_clz(zw))  # leading zeros (64 for 0)
                 pos = 8 * q + np.int64(lz)
                 mbuf[j] = pos - prev
                 prev = pos
