@@ -119,3 +119,25 @@ def test_dequantize_kernel_matches_the_formula(width, n, data):
     want = ((sym.astype(np.float32) - np.float32(1.5)) *
             np.repeat(inv, b)[:n]) if n else np.zeros(0, np.float32)
     assert np.array_equal(got, want)
+
+
+def test_one_torch_thread_runs_the_serial_build_and_never_wakes_the_pool(monkeypatch):
+    from gradpress import _jit
+
+    def forbidden(*args):
+        raise AssertionError("parallel build called with one torch thread")
+
+    x = torch.randn(50_000)
+    want = gradpress.get("ecq").encode(x, seed=1).to_bytes()
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in (fc._quantize, fc._dequantize, fc._bucket_norms):
+            monkeypatch.setattr(k, "parallel", forbidden)
+        c = gradpress.get("ecq")
+        p = c.encode(x, seed=1)
+        c.decode(p)
+        assert p.to_bytes() == want
+    finally:
+        torch.set_num_threads(old)
+    assert isinstance(fc._quantize, _jit.Kernel)
