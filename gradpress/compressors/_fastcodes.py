@@ -1,5 +1,5 @@
-"""Shared hot paths of the quantizers: bucketing, chunked stochastic rounding, and fast
-variable-length fields (Elias gamma/delta in split-stream layout).
+"""Shared hot paths of the quantizers: bucketing, stochastic rounding as compiled kernels,
+and variable-length fields (Elias gamma in split-stream layout).
 
 Stochastic rounding. Every uniform quantizer of the zoo (QSGD, ECQ, TernGrad) maps a bucket
 ``x_j`` with per-bucket multiplier ``a_j`` and offset ``c`` to integer symbols
@@ -8,16 +8,16 @@ Stochastic rounding. Every uniform quantizer of the zoo (QSGD, ECQ, TernGrad) ma
     decoded as  (sym_i - c) / a_j,
 
 so ``E[decoded] = x`` (rounding to the two neighbouring grid points with probabilities given by
-the distance). It runs over cache-sized chunks with reused buffers: on CPU a fresh 64 MB
-temporary costs as much in page faults as ``x.clone()`` itself.
+the distance). On CPU it is one kernel pass (:func:`scaled_quantize`) with a counter-based
+``r_i``; elsewhere whole-tensor torch ops. Other compressors' torch loops still walk the
+tensor in cache-sized chunks (:data:`CHUNK`): on CPU a fresh 64 MB temporary costs as much
+in page faults as ``x.clone()`` itself.
 
 Split-stream Elias codes. An Elias gamma word of ``n`` (``L = floor(log2 n)``) is ``L``
 zeros, a one, then the ``L`` low bits of ``n``: ``2L + 1`` bits. We write the unary parts of
 all words first, then all the low-bit parts. Every word keeps its length, so a stream costs
 exactly the textbook ``sum(2L_i + 1)`` bits, but decoding is vectorized: the unary lengths are
-the gaps between ones, and the low parts sit at offsets given by a cumulative sum. Delta words
-(``gamma(L + 1)`` then the ``L`` low bits, ``L + 2 floor(log2(L + 1)) + 1`` bits) are written
-the same way.
+the gaps between ones, and the low parts sit at offsets given by a cumulative sum.
 """
 
 from __future__ import annotations
@@ -412,14 +412,6 @@ class FieldReader:
         low = self.fields(L, what)
         return ((1 << L) | low.astype(np.int64)).astype(np.uint64)
 
-    def delta(self, n: int, what: str = "delta codes") -> np.ndarray:
-        """``n`` split-stream Elias delta codes (positive ``uint64``)."""
-        L = self.gamma(n, what).astype(np.int64) - 1
-        if n and int(L.max()) > MAX_FIELD:
-            raise PayloadError(f"{what}: code longer than the format allows")
-        low = self.fields(L, what)
-        return ((1 << L) | low.astype(np.int64)).astype(np.uint64)
-
 
 def gamma_fields(v: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(values, widths) chunks of the split gamma stream of positive integers ``v``."""
@@ -428,21 +420,7 @@ def gamma_fields(v: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [np.ones(v.size, dtype=np.int64), v & ((1 << L) - 1)], [L + 1, L]
 
 
-def delta_fields(v: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(values, widths) chunks of the split delta stream of positive integers ``v``."""
-    v = np.asarray(v).astype(np.int64, copy=False)
-    L = floor_log2(v)
-    hv, hw = gamma_fields(L + 1)
-    return hv + [v & ((1 << L) - 1)], hw + [L]
-
-
 def gamma_bits(v: np.ndarray, L: np.ndarray | None = None) -> int:
     """Total gamma bits of ``v`` (``L = floor_log2(v)`` if already known)."""
     L = floor_log2(v) if L is None else L
     return 2 * int(L.sum()) + L.size
-
-
-def delta_bits(v: np.ndarray, L: np.ndarray | None = None) -> int:
-    """Total delta bits of ``v`` (``L = floor_log2(v)`` if already known)."""
-    L = floor_log2(v) if L is None else L
-    return int(L.sum()) + 2 * int(_LOG2_LUT[L + 1].sum()) + L.size
