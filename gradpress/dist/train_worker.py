@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["digits", "breast_cancer"] if args.task == "all" else [args.task]
     try:
         runs = {t: train_task(t, args, rank, world) for t in tasks}
+        # Every rank's collectives done before any rank tears its process group down (once,
+        # in ~15 runs, a rank aborted in gloo's teardown: "terminate called without an
+        # active exception"). Not on the error path: a peer may be gone.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank == 0:
