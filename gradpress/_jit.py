@@ -12,7 +12,7 @@ compiled once per machine (``cache=True``) in two builds:
   2-core machine with 2 gloo ranks, pool threads competing with the backward pass doubled
   the step time of ECQ training (135 -> 69 ms per step).
 
-A kernel is called like a function (``_quantize(x, ...)``) or through :func:`launch`.
+A kernel is called like a function (``_quantize(x, ...)``).
 """
 
 from __future__ import annotations
@@ -70,8 +70,3 @@ def compiled(fn: Callable) -> Callable:
 def serial(fn: Callable) -> Callable:
     """A compiled helper inlined into kernels (``numba.njit(inline='always')``)."""
     return numba.njit(inline="always", cache=True)(fn)
-
-
-def launch(fn: Callable, *args: Any) -> Any:
-    """Run ``fn(*args)``: a :class:`Kernel` picks its build; anything else runs as is."""
-    return fn(*args)

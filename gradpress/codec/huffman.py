@@ -23,7 +23,7 @@ import heapq
 import numpy as np
 from numba import prange
 
-from gradpress._jit import compiled, kernel, launch
+from gradpress._jit import compiled, kernel
 from gradpress.errors import PayloadError
 
 MAX_SYMBOLS = 16
@@ -46,7 +46,7 @@ def symbol_counts(sym: np.ndarray, levels: int) -> np.ndarray:
     as a kernel (``np.bincount`` widens every symbol to 64 bits first: ~5x slower)."""
     sym = np.ascontiguousarray(sym, dtype=np.uint8).reshape(-1)
     part = np.zeros((-(-sym.size // _TILE), 1024), dtype=np.int64)
-    launch(_tile_counts, sym, part)
+    _tile_counts(sym, part)
     counts = part.sum(axis=0).reshape(4, 256).sum(axis=0)
     if counts[levels:].any():
         raise ValueError(f"symbols must be below {levels}")
@@ -206,12 +206,12 @@ def encode(sym: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, int]:
     ln = np.asarray(lengths, dtype=np.int64)
     codes = canonical_codes(ln).astype(np.uint64)
     tiles = np.zeros(-(-sym.size // _TILE), dtype=np.int64)
-    launch(_tile_bits, sym, ln, tiles)
+    _tile_bits(sym, ln, tiles)
     offsets = np.concatenate([[0], np.cumsum(tiles)]).astype(np.int64)
     total = int(offsets[-1])
     out = np.zeros((total + 7) // 8, dtype=np.uint8)
     for parity in (0, 1):
-        launch(_write, sym, ln, codes, offsets, parity, out)
+        _write(sym, ln, codes, offsets, parity, out)
     return out, total
 
 
@@ -232,10 +232,10 @@ def decode(data: np.ndarray, n: int, lengths: np.ndarray) -> tuple[np.ndarray, i
     msym = np.zeros(1 << MULTI, dtype=np.uint64)
     mcount = np.zeros(1 << MULTI, dtype=np.int64)
     mbits = np.zeros(1 << MULTI, dtype=np.int64)
-    launch(_multi_table, table_sym, table_len, msym, mcount, mbits)
+    _multi_table(table_sym, table_len, msym, mcount, mbits)
     raw = np.asarray(data, dtype=np.uint8).reshape(-1)
     out = np.empty(n, dtype=np.uint8)
-    used = int(launch(_read, np.ascontiguousarray(raw), 8 * raw.size, table_sym, table_len,
+    used = int(_read(np.ascontiguousarray(raw), 8 * raw.size, table_sym, table_len,
                       msym, mcount, mbits, out)) if n else 0
     if used < 0:
         raise PayloadError("Huffman body is truncated or holds an invalid code word")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from gradpress._jit import kernel, launch
+from gradpress._jit import kernel
 
 
 @kernel
@@ -57,7 +57,7 @@ def pack_uint8(values: np.ndarray, width: int) -> np.ndarray:
     if width == 1:
         return np.packbits(v)
     out = np.empty((v.size * width + 7) // 8, dtype=np.uint8)
-    launch(_pack, v, width, out)
+    _pack(v, width, out)
     return out
 
 
@@ -76,5 +76,5 @@ def unpack_uint8(data: np.ndarray, n: int, width: int) -> np.ndarray:
     if width == 1:
         return np.unpackbits(d, count=n)
     out = np.empty(n, dtype=np.uint8)
-    launch(_unpack, d, n, width, out)
+    _unpack(d, n, width, out)
     return out

@@ -42,7 +42,7 @@ import sys
 import numpy as np
 from numba import prange
 
-from gradpress._jit import kernel, launch, serial
+from gradpress._jit import kernel, serial
 from gradpress._words import _clz, _load64, _load_be64, _popcount, _store64, _store_be64
 from gradpress.errors import PayloadError
 
@@ -259,7 +259,7 @@ def encode(sym: np.ndarray, s: int, limit_bits: int) -> np.ndarray | None:
     stats = np.empty((ntiles, 6), dtype=np.int64)
     # nonzero offsets per tile (only the used part of each tile's slot is ever touched)
     idx = np.empty(n, dtype=np.uint16)
-    launch(_tile_stats, sym, int(s), idx, stats)
+    _tile_stats(sym, int(s), idx, stats)
     cnt, first, last, slg, sdl, sll = (stats[:, j].copy() for j in range(6))
     nnz = int(cnt.sum())
     if 3 * nnz >= limit_bits:  # each nonzero costs >= 3 bits: the sparse code cannot win
@@ -293,7 +293,7 @@ def encode(sym: np.ndarray, s: int, limit_bits: int) -> np.ndarray | None:
     out[:hb] = 0
     out[-1] = 0
     edges = np.empty((3, ntiles, 2), dtype=np.int64)
-    launch(_write_tiles, sym, int(s), idx, cnt, prev, offs, use_delta, out, edges)
+    _write_tiles(sym, int(s), idx, cnt, prev, offs, use_delta, out, edges)
     e = edges.reshape(-1, 2)
     e = e[e[:, 0] >= 0]
     np.bitwise_or.at(out, e[:, 0], e[:, 1].astype(np.uint8))
@@ -488,20 +488,20 @@ def decode(data: np.ndarray, start: int, numel: int, s: int, inv: np.ndarray,
     ll = np.empty(nnz, dtype=np.uint8)
     pbits, fbits, ends = (np.empty(nblk, dtype=np.int64) for _ in range(3))
     bad = np.empty(nblk, dtype=np.bool_)
-    launch(_read_prefixes, buf, pos, cum, nnz, use_delta, lg, ll, pbits, fbits, ends, bad)
+    _read_prefixes(buf, pos, cum, nnz, use_delta, lg, ll, pbits, fbits, ends, bad)
     if bad.any():
         raise PayloadError("qsgd payload has an over-long gap or level code")
     pos = int(ends[-1])  # end of the unary stream
     if use_delta:
         doff = _offsets(pos, pbits, total, "delta prefixes")
         pos += int(pbits.sum())
-        launch(_read_delta, buf, doff, lg, ll, fbits, bad)
+        _read_delta(buf, doff, lg, ll, fbits, bad)
         if bad.any():
             raise PayloadError("qsgd payload has an over-long gap code")
     foff = _offsets(pos, fbits, total, "gaps, levels and signs")
     _expect_end(buf, pos + int(fbits.sum()), total)
     gaps = np.empty(nblk, dtype=np.int64)
-    launch(_gap_sums, buf, foff, lg, ll, int(s), numel, gaps, bad)
+    _gap_sums(buf, foff, lg, ll, int(s), numel, gaps, bad)
     if bad.any():
         raise PayloadError("qsgd payload has a level out of range")
     # gaps[q] <= numel + 1 and nblk <= numel, so the sum cannot overflow
@@ -510,7 +510,7 @@ def decode(data: np.ndarray, start: int, numel: int, s: int, inv: np.ndarray,
     if int(base[-1]) + int(gaps[-1]) > numel:  # the last nonzero sits at the sum - 1
         raise PayloadError("qsgd payload has a position out of range")
     out = np.empty(numel, dtype=np.float32)
-    launch(_scatter, buf, foff, lg, ll, base, inv, bucket, out)
+    _scatter(buf, foff, lg, ll, base, inv, bucket, out)
     return out
 
 

@@ -27,7 +27,7 @@ import torch
 from numba import prange
 
 from gradpress import _jit
-from gradpress._jit import kernel, launch, serial
+from gradpress._jit import kernel, serial
 from gradpress.errors import PayloadError
 
 #: Elements per chunk on CPU: 125 KiB of float32 stays in cache across the pipeline's ops,
@@ -214,7 +214,7 @@ def bucket_scales(flat: torch.Tensor, bucket_size: int | None, norm: str) -> tor
     if flat.device.type != "cpu" or nb < 4 * _jit.threads() or norm not in ("l2", "linf"):
         return bucket_reduce(flat, b, norm)
     out = np.empty(nb, dtype=np.float32)
-    launch(_bucket_norms, flat.numpy(), b, norm == "l2", out)
+    _bucket_norms(flat.numpy(), b, norm == "l2", out)
     return torch.from_numpy(out)
 
 
@@ -239,7 +239,7 @@ def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain
     if flat.device.type == "cpu":
         out = np.empty(n, dtype=np.uint8)
         k0, k1 = stream_keys(seed)
-        launch(_quantize, flat.numpy(), b, a.numpy(), np.float32(c), np.float32(levels - 1),
+        _quantize(flat.numpy(), b, a.numpy(), np.float32(c), np.float32(levels - 1),
                k0, k1, out)
         return scale, torch.from_numpy(out)
     return scale, quantize_torch(flat, b, a, c, levels, gen)
@@ -269,7 +269,7 @@ def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.T
     if sym.device.type != "cpu":
         return _per_bucket(sym.float().sub_(c), b, inv_a.float())
     out = np.empty(n, dtype=np.float32)
-    launch(_dequantize, sym.numpy(), b, inv_a.float().numpy(), np.float32(c), out)
+    _dequantize(sym.numpy(), b, inv_a.float().numpy(), np.float32(c), out)
     return torch.from_numpy(out)
 
 

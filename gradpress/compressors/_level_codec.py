@@ -23,7 +23,6 @@ import math
 import numpy as np
 import torch
 
-from gradpress._jit import launch
 from gradpress.codec import BitReader, BitWriter, read_categorical, write_categorical
 from gradpress.codec.entropy import MAX_ALPHABET
 from gradpress.compressors import _sd_kernels as K
@@ -84,10 +83,10 @@ def write_levels(scale: float, k: np.ndarray, neg: np.ndarray, entropy: bool = F
     block, n = blocks(d)
     if sums is None:
         sums = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        launch(K._level_sums, k, block, *sums)
+        K._level_sums(k, block, *sums)
     ksum, kmax = sums
     lay = BodyLayout(d, ksum)
-    launch(K._emit_levels, k, neg, block, lay.ubase, K.GROUP_WIDTH, lay.out, lay.ev, lay.ei,
+    K._emit_levels(k, neg, block, lay.ubase, K.GROUP_WIDTH, lay.out, lay.ev, lay.ei,
            lay.ends)
     body = lay.finish(scale)
     top = int(kmax.max()) if n else 0
@@ -128,11 +127,11 @@ def _read_unary_body(body: bytes, d: int, name: str, scale: float, want_levels: 
     nnz = np.zeros(n, dtype=np.int64)
     bad = np.zeros(n, dtype=np.uint8)
     trits = np.empty(d, dtype=np.uint8)
-    launch(R._read_trits, buf, d, block, K.GROUP_WIDTH, R.LUT10, trits, nnz, bad)
+    R._read_trits(buf, d, block, K.GROUP_WIDTH, R.LUT10, trits, nnz, bad)
     if bad.any():
         raise PayloadError("sparse dithering payload has an invalid trit group")
     zc = np.zeros(max(1, -(-(nbytes - (u0 >> 3)) // R.ZBLOCK)), dtype=np.int64)
-    launch(R._zero_counts, buf, u0, nbytes, zc)
+    R._zero_counts(buf, u0, nbytes, zc)
     zpre = np.concatenate([[0], np.cumsum(zc)])
     total = int(nnz.sum())
     if int(zpre[-1]) < total:
@@ -144,7 +143,7 @@ def _read_unary_body(body: bytes, d: int, name: str, scale: float, want_levels: 
     outk = np.empty(d if want_levels else 0, dtype=np.int64)
     outf = np.empty(0 if want_levels else d, dtype=np.float32)
     kmax = np.zeros(n, dtype=np.int64)
-    launch(R._decode_blocks, buf, nbytes, trits, block, u0, zpre, np.cumsum(nnz) - nnz,
+    R._decode_blocks(buf, nbytes, trits, block, u0, zpre, np.cumsum(nnz) - nnz,
            float(scale), want_levels, outf, outk, kmax, bad)
     if bad.any():
         raise PayloadError("sparse dithering payload truncated in the unary levels")

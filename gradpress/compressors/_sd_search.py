@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gradpress._jit import launch
 from gradpress.compressors import _sd_kernels as K
 from gradpress.compressors._level_codec import BodyLayout
 
@@ -75,7 +74,7 @@ def norm2(x: np.ndarray, block: int) -> tuple[float, float]:
     n = -(-x.size // block)
     part = np.zeros(n, dtype=np.float64)
     amax = np.zeros(n, dtype=np.int32)
-    launch(K._sumsq, x, x.view(np.int32), block, part, amax)
+    K._sumsq(x, x.view(np.int32), block, part, amax)
     return float(sum(part.tolist())), float(amax.view(np.float32).max()) if n else 0.0
 
 
@@ -86,7 +85,7 @@ def scan(x: np.ndarray, c: float, budget: float, block: int) -> Grid | None:
     hist = np.empty((n, _BINS, 2), dtype=np.int64)
     floors = np.zeros(n, dtype=np.int64)
     sq = np.zeros(n, dtype=np.float64)
-    launch(K._scan, x, np.float32(c), block, hist, floors, sq)
+    K._scan(x, np.float32(c), block, hist, floors, sq)
     grid = Grid(c, float(floors.sum()), float(sum(sq.tolist())) - budget, floors=floors)
     if grid.need <= 0:
         return grid
@@ -113,7 +112,7 @@ def resolve(x: np.ndarray, grid: Grid, block: int) -> None:
     offs = np.concatenate([[0], np.cumsum(grid.binj)])
     pos = np.zeros(int(offs[-1]), dtype=np.int64)
     gains = np.zeros(int(offs[-1]), dtype=np.int64)
-    launch(K._gather, x, np.float32(grid.c), block, grid.j, offs, pos, gains)
+    K._gather(x, np.float32(grid.c), block, grid.j, offs, pos, gains)
     gs, order = torch.sort(torch.from_numpy(gains * 2.0**-23), descending=True)
     m = int((torch.cumsum(gs, 0) < grid.res).sum())  # first index reaching the need
     grid.inbin = torch.sort(torch.from_numpy(pos)[order[:m + 1]]).values
@@ -133,6 +132,6 @@ def emit(x: np.ndarray, grid: Grid, block: int) -> tuple[BodyLayout, float, floa
     lay = BodyLayout(x.size, ksum)
     sak = np.zeros(n, dtype=np.float64)
     skk = np.zeros(n, dtype=np.float64)
-    launch(K._emit_grid, x, np.float32(grid.c), grid.j if up else K.NBINS, chosen, cstart,
+    K._emit_grid(x, np.float32(grid.c), grid.j if up else K.NBINS, chosen, cstart,
            block, lay.ubase, K.GROUP_WIDTH, lay.out, lay.ev, lay.ei, lay.ends, sak, skk)
     return lay, float(sum(sak.tolist())), float(sum(skk.tolist()))
