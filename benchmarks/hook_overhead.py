@@ -1,6 +1,6 @@
 """CPU cost of the DDP compression hook's local work per bucket, with no network.
 
-Times what :func:`gradpress.dist.hook.compression_hook` does on one rank for one bucket,
+Times what :func:`gradpress.ddp.hook.compression_hook` does on one rank for one bucket,
 outside of the collective: feedback ``to_send``, ``encode`` to bytes, decode of its own
 payload, feedback ``commit`` (the hook's ``_compress_own``), then decoding the ``P`` ranks'
 payloads and averaging them in rank order (the hook's ``_average``; the peers' payloads are
@@ -28,7 +28,7 @@ import time
 import torch
 
 import gradpress
-from gradpress.dist import hook
+from gradpress.ddp import hook
 from gradpress.feedback import ECQFeedback, ErrorFeedback, NoFeedback
 
 METHODS = {

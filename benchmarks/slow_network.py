@@ -4,7 +4,7 @@ Needs root (``ip netns``, ``tc``). Builds two network namespaces joined by a vet
 (10.77.0.1 <-> 10.77.0.2, MTU 1500, private addresses inside namespaces this script
 creates), shapes each direction with a token bucket (``tc qdisc ... tbf rate R burst 32kb
 latency 100ms``), then runs rank 0 in one namespace and rank 1 in the other, training the
-same 4.1M-parameter MLP on scikit-learn's digits (``gradpress.dist.train_worker --task
+same 4.1M-parameter MLP on scikit-learn's digits (``gradpress.train.worker --task
 digits-mlp4m``, same seed, same data order) until the test accuracy reaches ``--target``,
 once per method:
 
@@ -161,7 +161,7 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
     t0 = time.monotonic()
     for rank in (0, 1):
         cmd = ["ip", "netns", "exec", net.ns[rank], sys.executable, "-m",
-               "gradpress.dist.train_worker", *common, *extra]
+               "gradpress.train.worker", *common, *extra]
         log = open(outdir / f"run-{port}-rank{rank}.log", "w")  # noqa: SIM115
         procs.append((subprocess.Popen(cmd, env=net.env(rank, port), stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True), log))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradpress
-from gradpress.dist import CompressionState, compression_hook
+from gradpress.ddp import CompressionState, compression_hook
 
 if "RANK" not in os.environ:  # not under torchrun: start 2 ranks of this script
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",

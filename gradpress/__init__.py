@@ -9,8 +9,9 @@ Safaryan, Condat and Richtarik (2020). Quick start::
     approx = c.decode(payload)
 """
 
+from gradpress.collectives import allgather_bytes
 from gradpress.compressors import Compressor, available, get, register
-from gradpress.dist import CompressionState, allgather_bytes, compression_hook
+from gradpress.ddp import CompressionState, compression_hook
 from gradpress.errors import GradpressError, NonFiniteGradientError, PayloadError, PeerError
 from gradpress.feedback import EF21, ECQFeedback, ErrorFeedback, Feedback, NoFeedback
 from gradpress.payload import Payload

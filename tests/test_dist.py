@@ -11,7 +11,7 @@ import torch
 from dist_harness import digest, run_ranks, small_model
 
 import gradpress
-from gradpress.dist import CompressionState, payload_bound
+from gradpress.ddp import CompressionState, payload_bound
 from gradpress.payload import header_size
 
 WORLD = 2
@@ -32,7 +32,7 @@ def _train(rank: int, configs: list[dict], steps: int = 4) -> dict:
     """Train one small DDP model per config (several buckets); report digests and bytes."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradpress.dist import compression_hook
+    from gradpress.ddp import compression_hook
 
     out = {}
     for cfg in configs:
@@ -141,7 +141,7 @@ def test_feedback_state_is_keyed_by_bucket(trained):
 def _crash_or_train(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradpress.dist import compression_hook
+    from gradpress.ddp import compression_hook
 
     model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2})
@@ -168,7 +168,7 @@ def test_a_rank_that_raises_makes_the_other_fail_within_the_timeout():
 def _nan_on_rank1(rank: int, mode: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradpress.dist import compression_hook
+    from gradpress.ddp import compression_hook
 
     model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
@@ -192,7 +192,7 @@ def _nan_on_rank1(rank: int, mode: str) -> dict:
 def _fp16_overflow_on_rank1(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradpress.dist import compression_hook
+    from gradpress.ddp import compression_hook
 
     model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="fp16", allreduce_fast_path=False)
@@ -239,7 +239,7 @@ def test_a_rank_whose_encoder_raises_fails_every_rank_at_once(nan_runs):
 
 
 def _gather_bytes(rank: int) -> dict:
-    from gradpress.dist import allgather_bytes
+    from gradpress.collectives import allgather_bytes
 
     mine = bytes([rank + 1]) * (3 + 5 * rank)
     out = {"bounded": allgather_bytes(mine, capacity=16),
@@ -310,7 +310,7 @@ def test_payload_bound_holds_for_every_registered_compressor(name):
 
 
 def test_bits_map_to_compressor_kwargs():
-    from gradpress.dist.train_worker import compressor_kwargs
+    from gradpress.train.worker import compressor_kwargs
 
     assert compressor_kwargs("ecq", 2, "") == {"bits": 2}
     assert compressor_kwargs("qsgd", 3, "bucket_size=128") == {"s": 3, "bucket_size": 128}

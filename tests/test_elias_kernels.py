@@ -1,4 +1,4 @@
-"""The compiled Elias coder of QSGD's sparse body (``_elias_kernels``): the same bytes as
+"""The compiled Elias coder of QSGD's sparse body (``kernels.elias_writer``): the same bytes as
 the vectorized numpy writer it replaced, exact inversion, and rejection of corrupt bodies."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradpress.compressors import _elias_kernels as ek
-from gradpress.compressors import _fastcodes as fc
 from gradpress.errors import PayloadError
+from gradpress.kernels import elias_reader as er
+from gradpress.kernels import elias_writer as ek
+from gradpress.kernels import fields
 
 
 def reference_body(sym: np.ndarray, s: int, limit: int) -> np.ndarray | None:
@@ -20,16 +21,16 @@ def reference_body(sym: np.ndarray, s: int, limit: int) -> np.ndarray | None:
     gaps = np.diff(nz, prepend=-1)
     signed = sym[nz].astype(np.int64) - s
     levels, neg = np.abs(signed), signed < 0
-    lg = fc.floor_log2(gaps) if nnz else np.zeros(0, np.int64)
-    ll = fc.floor_log2(levels) if nnz else np.zeros(0, np.int64)
-    dl = fc._LOG2_LUT[lg + 1]
+    lg = fields.floor_log2(gaps) if nnz else np.zeros(0, np.int64)
+    ll = fields.floor_log2(levels) if nnz else np.zeros(0, np.int64)
+    dl = fields._LOG2_LUT[lg + 1]
     g_bits, d_bits = 2 * int(lg.sum()) + nnz, int(lg.sum()) + 2 * int(dl.sum()) + nnz
     use_delta = d_bits < g_bits
-    cost = 1 + fc.gamma_bits(np.array([nnz + 1])) + min(g_bits, d_bits) + 2 * int(ll.sum()) \
+    cost = 1 + fields.gamma_bits(np.array([nnz + 1])) + min(g_bits, d_bits) + 2 * int(ll.sum()) \
         + 2 * nnz
     if cost >= limit:
         return None
-    head_v, head_w = fc.gamma_fields(np.array([nnz + 1]))
+    head_v, head_w = fields.gamma_fields(np.array([nnz + 1]))
     pre = dl if use_delta else lg
     chunks = [(np.concatenate([[int(use_delta)], *head_v]), np.concatenate([[1], *head_w])),
               ((1 << (ll + 1)) | 1, pre + ll + 2)]
@@ -37,7 +38,7 @@ def reference_body(sym: np.ndarray, s: int, limit: int) -> np.ndarray | None:
         chunks.append(((lg + 1) & ((1 << dl) - 1), dl))
     low = (gaps & ((1 << lg) - 1)) << ll | (levels & ((1 << ll) - 1))
     chunks.append(((low << 1) | neg, lg + ll + 1))
-    return fc.pack_chunks(iter(chunks), cost)
+    return fields.pack_chunks(iter(chunks), cost)
 
 
 def symbols(n: int, s: int, density: float, seed: int) -> np.ndarray:
@@ -73,7 +74,7 @@ def test_kernel_bytes_equal_the_reference_across_tiles_and_blocks(density):
     got = ek.encode(sym, 4, 1 << 40)
     assert np.array_equal(got, reference_body(sym, 4, 1 << 40))
     inv = np.random.default_rng(1).random(-(-n // 100)).astype(np.float32)
-    assert np.array_equal(ek.decode(got, 0, n, 4, inv, 100), dequantized(sym, 4, inv, 100))
+    assert np.array_equal(er.decode(got, 0, n, 4, inv, 100), dequantized(sym, 4, inv, 100))
 
 
 @given(st.integers(1, 5000), st.integers(1, 127), st.sampled_from([0.0, 0.001, 0.1, 0.6]),
@@ -85,7 +86,7 @@ def test_decode_inverts_encode(n, s, density, seed, lead):
     b = 1 + seed % 700
     inv = np.random.default_rng(seed).random(-(-n // b)).astype(np.float32)
     data = np.concatenate([np.full(lead, 0xA5, np.uint8), body])  # body after `lead` bytes
-    assert np.array_equal(ek.decode(data, 8 * lead, n, s, inv, b), dequantized(sym, s, inv, b))
+    assert np.array_equal(er.decode(data, 8 * lead, n, s, inv, b), dequantized(sym, s, inv, b))
 
 
 def test_long_gaps_and_huge_levels_round_trip():
@@ -94,7 +95,7 @@ def test_long_gaps_and_huge_levels_round_trip():
     sym[[0, 1, 5, 70_000, n - 1]] = [0, 254, 126, 128, 1]  # gaps up to 2^20, levels 1..127
     body = ek.encode(sym, 127, 1 << 40)
     inv = np.ones(1, dtype=np.float32)
-    assert np.array_equal(ek.decode(body, 0, n, 127, inv, n), dequantized(sym, 127, inv, n))
+    assert np.array_equal(er.decode(body, 0, n, 127, inv, n), dequantized(sym, 127, inv, n))
 
 
 @pytest.mark.parametrize("density,delta", [(0.02, 1), (0.14, 0)])
@@ -121,7 +122,7 @@ def test_corrupt_multi_block_bodies_are_rejected_or_in_range(density, delta):
     for b in bad:
         for numel in (n, n // 3):
             try:
-                y = ek.decode(b, 0, numel, s, inv, 512)
+                y = er.decode(b, 0, numel, s, inv, 512)
             except PayloadError:
                 rejected += 1
                 continue
@@ -133,4 +134,4 @@ def test_claimed_nonzeros_beyond_the_payload_are_rejected_before_allocating():
     # gap flag 0, then gamma(2^40 + 1): a trillion nonzeros claimed in 11 bytes
     body = np.frombuffer((((1 << 40) + 1) << 6).to_bytes(11, "big"), dtype=np.uint8)
     with pytest.raises(PayloadError, match="truncated"):
-        ek.decode(body, 0, 1 << 41, 4, np.ones(1, np.float32), 1 << 41)
+        er.decode(body, 0, 1 << 41, 4, np.ones(1, np.float32), 1 << 41)

@@ -28,13 +28,13 @@ import torch
 from dist_harness import HARD_DEADLINE_S, PG_TIMEOUT_S, digest, run_ranks, small_model
 
 import gradpress
-from gradpress.dist import CompressionState
+from gradpress.ddp import CompressionState
 
 
 def _ddp(model: torch.nn.Module, state: CompressionState | None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradpress.dist import compression_hook
+    from gradpress.ddp import compression_hook
 
     ddp = DDP(model, bucket_cap_mb=0.0004)  # ~100 floats a bucket: several buckets
     if state is not None:
@@ -189,7 +189,7 @@ def _edge_run(rank: int, dtype: torch.dtype, compressor: str | None) -> dict:
 
 def _crc_run(rank: int, crc: bool) -> dict:
     """Rank 1's frame gets one byte flipped on receipt, on every rank, at step 1."""
-    import gradpress.dist.hook as hook
+    import gradpress.ddp.hook as hook
 
     real = hook.allgather_bytes_async
     calls = {"n": 0}

@@ -13,9 +13,10 @@ import torch
 from sklearn.datasets import load_digits
 
 import gradpress
+from gradpress import flower as fl
 from gradpress.cli import main as cli_main
-from gradpress.dist import flower as fl
 from gradpress.errors import PayloadError
+from gradpress.flower import client as flower_client
 
 needs_flwr = pytest.mark.skipif(not fl.HAVE_FLWR, reason=fl.FLWR_MISSING)
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -116,7 +117,7 @@ def test_error_feedback_sends_the_running_sum_of_updates():
     residual = total - sent_total
     assert 0 < float(residual.abs().max()) < 0.05  # bf16 rounding carried, not lost
     restored = fl.make_feedback("ef")
-    fl._state_from_array(restored, fl._state_to_array(fb))
+    flower_client._state_from_array(restored, flower_client._state_to_array(fb))
     probe = torch.zeros(100)
     torch.testing.assert_close(restored.to_send("model", probe), fb.to_send("model", probe))
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradpress
-from gradpress.compressors import _fastcodes as fc
+from gradpress.kernels import quantize as fc
 
 M32 = 0xFFFFFFFF
 
@@ -122,7 +122,7 @@ def test_dequantize_kernel_matches_the_formula(width, n, data):
 
 
 def test_one_torch_thread_runs_the_serial_build_and_never_wakes_the_pool(monkeypatch):
-    from gradpress import _jit
+    from gradpress.kernels import jit as _jit
 
     def forbidden(*args):
         raise AssertionError("parallel build called with one torch thread")

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 import gradpress
 from gradpress import bounds as B
 from gradpress.commands.bounds import gradient_vectors
-from gradpress.compressors import _level_codec as lvl
 from gradpress.compressors import sparse_dithering as sdm
 from gradpress.compressors.base import generator_for
+from gradpress.kernels import level_codec as lvl
 from gradpress.payload import Payload, header_size
 
 

@@ -28,7 +28,7 @@ import torch
 from dist_harness import run_ranks
 
 import gradpress
-from gradpress.dist import CompressionState
+from gradpress.ddp import CompressionState
 from gradpress.sim import Method, Simulation, split, synthetic_linear
 
 # --- simulator -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _setup(stable_buckets: bool = True):
     from dist_harness import small_model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradpress.dist import compression_hook
+    from gradpress.ddp import compression_hook
 
     inner = small_model()
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},

@@ -1,4 +1,4 @@
-"""Sparse Dithering's compiled kernels (``_sd_kernels``): the bytes do not depend on the block
+"""Sparse Dithering's compiled kernels (``sd_writer``): the bytes do not depend on the block
 split or the thread count, the parallel writer and reader agree with each other across block
 boundaries (long unary codes included), and corrupt multi-block bodies are rejected."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gradpress
-from gradpress.compressors import _level_codec as lvl
 from gradpress.compressors import sparse_dithering as sdm
 from gradpress.errors import PayloadError
+from gradpress.kernels import level_codec as lvl
 
 
 def _vectors(d: int) -> list[torch.Tensor]:

@@ -15,10 +15,11 @@ import gradpress
 from gradpress.codec import bits as cbits
 from gradpress.codec import elias
 from gradpress.codec import huffman as hf
-from gradpress.compressors import _fastcodes as fc
-from gradpress.compressors.lowrank import matrix_shape
+from gradpress.compressors.powersgd import matrix_shape
 from gradpress.compressors.sparsify import shared_indices
 from gradpress.errors import PayloadError
+from gradpress.kernels import fields as kfields
+from gradpress.kernels import quantize as fc
 from gradpress.payload import Payload, header_size
 
 
@@ -51,10 +52,10 @@ def test_pack_uint8_equals_the_generic_bit_matrix(width, n, data):
 @given(st.lists(st.integers(1, 2**40), min_size=1, max_size=200))
 def test_split_gamma_stream_round_trips_at_textbook_lengths(values):
     v = np.array(values, dtype=np.int64)
-    fields = fc.gamma_fields(v)
-    packed, nbits = fc.pack_fields(np.concatenate(fields[0]), np.concatenate(fields[1]))
-    assert nbits == int(elias.gamma_lengths(v).sum()) == fc.gamma_bits(v)
-    r = fc.FieldReader(packed.tobytes())
+    fields = kfields.gamma_fields(v)
+    packed, nbits = kfields.pack_fields(np.concatenate(fields[0]), np.concatenate(fields[1]))
+    assert nbits == int(elias.gamma_lengths(v).sum()) == kfields.gamma_bits(v)
+    r = kfields.FieldReader(packed.tobytes())
     out = r.gamma(v.size)
     assert np.array_equal(out.astype(np.int64), v) and r.pos == nbits
     r.expect_end()
@@ -62,10 +63,10 @@ def test_split_gamma_stream_round_trips_at_textbook_lengths(values):
 
 def test_split_gamma_reader_rejects_truncated_streams():
     v = np.arange(1, 50)
-    packed, nbits = fc.pack_fields(*(np.concatenate(f) for f in fc.gamma_fields(v)))
+    packed, nbits = kfields.pack_fields(*(np.concatenate(f) for f in kfields.gamma_fields(v)))
     for cut in (0, 1, len(packed) // 2, len(packed) - 1):
         with pytest.raises(PayloadError):
-            fc.FieldReader(packed[:cut].tobytes()).gamma(v.size)
+            kfields.FieldReader(packed[:cut].tobytes()).gamma(v.size)
 
 
 # -- unbiased ones: a pooled test that does not need every coordinate to move ------------
@@ -402,7 +403,7 @@ def test_huffman_pairs_round_trip_odd_lengths_and_reject_a_bad_pad(n):
         w = cbits.BitReader(p.body)
         w.read_uint(1, 8)
         scales = w.read_float32(fc.n_buckets(n, c.bucket_size))
-        from gradpress.compressors.dithering import HUFFMAN
+        from gradpress.compressors._uniform import HUFFMAN
         sym = fc.scaled_quantize(x, c.bucket_size, c.norm, c.gain, c.offset, 3, 1, None)[1]
         s = np.append(sym.numpy(), np.uint8(1))
         letters = s[0::2] * 3 + s[1::2]

@@ -23,8 +23,8 @@ import heapq
 import numpy as np
 from numba import prange
 
-from gradpress._jit import compiled, kernel
 from gradpress.errors import PayloadError
+from gradpress.kernels.jit import compiled, kernel
 
 MAX_SYMBOLS = 16
 MAX_LEN = 15

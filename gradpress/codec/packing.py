@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from gradpress._jit import kernel
+from gradpress.kernels.jit import kernel
 
 
 @kernel

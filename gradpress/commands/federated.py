@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import gradpress
-    from gradpress.dist import flower as fl
+    from gradpress import flower as fl
     from gradpress.specs import parse_spec
 
     engine = args.engine

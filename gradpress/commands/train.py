@@ -1,7 +1,7 @@
 """DDP training with compressed gradients: launches torchrun with N ranks on this machine.
 
 Runs ``python -m torch.distributed.run --standalone --nproc_per_node N -m
-gradpress.dist.train_worker ...`` (gloo on CPU, NCCL when CUDA is there) and trains a small
+gradpress.train.worker ...`` (gloo on CPU, NCCL when CUDA is there) and trains a small
 CNN on scikit-learn's digits and an MLP on breast_cancer (bundled data, no download),
 reporting test accuracy, bytes sent and wall time per epoch, with a progress bar on rank 0;
 rank 0 writes train.json and train.png under --out. --compare also trains plain DDP (fp32
@@ -30,7 +30,7 @@ HELP = "DDP training (torchrun) with a gradpress comm hook: accuracy, bytes, tim
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gradpress.dist.train_worker import add_training_arguments
+    from gradpress.train.worker import add_training_arguments
 
     p.add_argument("--nproc", type=int, default=2, help="ranks on this machine (default 2)")
     p.add_argument("--compare", action="store_true",
@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def worker_argv(args: argparse.Namespace, **override) -> list[str]:
-    """Command-line arguments for gradpress.dist.train_worker from parsed ``args``."""
-    from gradpress.dist.train_worker import add_training_arguments
+    """Command-line arguments for gradpress.train.worker from parsed ``args``."""
+    from gradpress.train.worker import add_training_arguments
 
     probe = argparse.ArgumentParser()
     add_training_arguments(probe)
@@ -60,7 +60,7 @@ def worker_argv(args: argparse.Namespace, **override) -> list[str]:
 
 def launch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "gradpress.dist.train_worker", *argv]
+           f"--nproc_per_node={nproc}", "-m", "gradpress.train.worker", *argv]
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 

@@ -1,14 +1,17 @@
-"""The compressor zoo. Importing this package registers every compressor."""
+"""The compressor zoo, one module per method named after its paper. Importing this package
+registers every compressor."""
 
 from gradpress.compressors import (
-    dithering,  # noqa: F401  (registers)
-    identity,  # noqa: F401  (registers)
-    lowrank,  # noqa: F401  (registers)
+    casts,  # noqa: F401  (registers)
+    ecq,  # noqa: F401  (registers)
     natural,  # noqa: F401  (registers)
+    powersgd,  # noqa: F401  (registers)
+    qsgd,  # noqa: F401  (registers)
     sign,  # noqa: F401  (registers)
     sparse_dithering,  # noqa: F401  (registers)
     sparsify,  # noqa: F401  (registers)
     spherical,  # noqa: F401  (registers)
+    terngrad,  # noqa: F401  (registers)
 )
 from gradpress.compressors.base import Compressor, check_gradient, generator_for
 from gradpress.compressors.registry import available, class_for_id, get, register

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from gradpress.codec import BitReader, BitWriter
-from gradpress.compressors import _fastcodes as fc
+from gradpress.compressors._uniform import DENSE, UniformQuantizer
 from gradpress.compressors.base import Compressor
-from gradpress.compressors.dithering import DENSE, UniformQuantizer
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
+from gradpress.kernels import quantize as fc
 
 
 @register

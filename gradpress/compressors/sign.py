@@ -1,4 +1,4 @@
-"""Sign-based compressors: scaled sign (1-bit SGD style) and TernGrad.
+"""Scaled sign (1-bit SGD style).
 
 **Scaled sign** (Seide et al. 2014, "1-bit SGD"; the scaled form of Karimireddy et al. 2019,
 "Error Feedback Fixes SignSGD", Sec. 3). Per bucket ``v`` of ``n`` coordinates,
@@ -8,31 +8,20 @@
 which is deterministic and contractive: ``||C(v) - v||^2 = ||v||^2 - ||v||_1^2 / n
 <= (1 - 1/n) ||v||^2``, so ``alpha = 1 / min(bucket_size, d)``. Bits: ``32`` per bucket
 (the float32 scale) plus ``1`` per coordinate: ``32*#buckets + d``.
-
-**TernGrad** (Wen, Xu, Yan, Wu, Wang, Chen, Li, NeurIPS 2017, Eq. 2): with ``s_t =
-||v||_inf`` per bucket (the paper's layer-wise scale: default ``bucket_size=None``),
-
-    C(v)_i = s_t * sgn(v_i) * b_i,   b_i ~ Bernoulli(|v_i| / s_t),
-
-unbiased with variance ``s_t ||v||_1 - ||v||^2 <= (sqrt(n) - 1) ||v||^2``, so ``omega =
-sqrt(n) - 1``. Each coordinate is one of three symbols in ``2`` bits: ``8 + 32*#buckets +
-2d`` bits (the mode byte shared with the uniform quantizers). The paper's optional gradient
-clipping is not applied (it would make the scheme biased).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from gradpress.codec import BitReader, BitWriter
-from gradpress.compressors import _fastcodes as fc
+from gradpress.compressors._uniform import _check_bucket
 from gradpress.compressors.base import Compressor
-from gradpress.compressors.dithering import UniformQuantizer, _check_bucket
 from gradpress.compressors.registry import register
+from gradpress.kernels import quantize as fc
 
 _PACK_CHUNK = fc.CHUNK // 8 * 8  # elements per chunk when packing sign bits (a multiple of 8)
 
@@ -90,26 +79,3 @@ class ScaledSign(Compressor):
         neg2m = torch.from_numpy(-2.0 * scale).to(device)
         return fc.affine_dequantize(torch.from_numpy(bits).to(device), self.bucket_size,
                                     neg2m, 0.5)
-
-
-@register
-class TernGrad(UniformQuantizer):
-    """TernGrad (Wen et al. 2017): ``{-s_t, 0, s_t}`` per bucket, ``s_t = ||v||_inf``;
-    unbiased with ``omega = sqrt(n) - 1``. ``entropy="huffman"`` codes the trits in a
-    per-payload Huffman code (see :class:`UniformQuantizer`)."""
-
-    name = "terngrad"
-    compressor_id = 25
-    norm = "linf"
-
-    def __init__(self, bucket_size: int | None = None, entropy: bool | str = False) -> None:
-        super().__init__(bucket_size, entropy)
-        self.levels = 3
-        self.gain = 1.0
-        self.offset = 1.0
-
-    def config(self) -> dict[str, Any]:
-        return {"bucket_size": self.bucket_size, "entropy": self.entropy}
-
-    def omega(self, d: int) -> float:
-        return math.sqrt(self._bucket_len(d)) - 1.0

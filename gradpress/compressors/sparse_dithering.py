@@ -47,8 +47,8 @@ covered by the ``log2 d`` term and the slack of ``sum k_i`` on every real vector
 With ``entropy=True`` the signed levels are also range-coded with their own histogram
 (``codec.entropy``: ``n H + O(K log d)``) and the shorter body is sent.
 
-**Implementation.** Compiled kernels (``_sd_kernels``), parallel over blocks of coordinates
-and independent of the thread count. The bit format lives in ``_level_codec``; the
+**Implementation.** Compiled kernels (``sd_writer``), parallel over blocks of coordinates
+and independent of the thread count. The bit format lives in ``level_codec``; the
 deterministic unary-mode search is ``_sd_search`` (one histogram pass per grid, equal to
 :func:`_budget_round` per grid up to float64 summation order); the randomized encoder draws
 its uniforms block by block from the same stream as one ``torch.rand(d)`` call.
@@ -64,9 +64,11 @@ import numpy as np
 import torch
 
 from gradpress.codec.entropy import entropy_bits
-from gradpress.compressors import _sd_kernels as K
-from gradpress.compressors import _sd_search as _sd
-from gradpress.compressors._level_codec import (
+from gradpress.compressors.base import Compressor
+from gradpress.compressors.registry import register
+from gradpress.kernels import sd_search as _sd
+from gradpress.kernels import sd_writer as K
+from gradpress.kernels.level_codec import (
     CHUNK,
     blocks,
     decode_levels,  # noqa: F401 (re-export)
@@ -75,8 +77,6 @@ from gradpress.compressors._level_codec import (
     trit_bits,
     write_levels,
 )
-from gradpress.compressors.base import Compressor
-from gradpress.compressors.registry import register
 
 #: Grid multipliers ``r`` tried by the deterministic encoder (stops at the first infeasible).
 _STEPS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.3, 2.6, 3.0, 3.5, 4.0, 5.0)

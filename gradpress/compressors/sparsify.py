@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from gradpress.codec import BitReader, BitWriter
-from gradpress.compressors import _fastcodes as fc
 from gradpress.compressors.base import Compressor, generator_for
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
+from gradpress.kernels import fields
+from gradpress.kernels import quantize as fc
 from gradpress.payload import header_size
 
 _FP16_U = 2.0**-11
@@ -144,10 +145,10 @@ class TopK(_Sparsifier):
         self._write_values(w, flat[torch.from_numpy(idx_np).to(flat.device)])
         gaps = np.diff(idx_np, prepend=-1)
         width = _index_width(n)
-        if fc.gamma_bits(gaps) < k * width:
+        if fields.gamma_bits(gaps) < k * width:
             w.write_uint(1, 1)
-            gv, gw = fc.gamma_fields(gaps)
-            packed, nbits = fc.pack_fields(gv, gw)
+            gv, gw = fields.gamma_fields(gaps)
+            packed, nbits = fields.pack_fields(gv, gw)
             w.write_bits(np.unpackbits(packed)[:nbits])
         else:
             w.write_uint(0, 1)
@@ -160,7 +161,7 @@ class TopK(_Sparsifier):
         vals = self._read_values(r, k)
         (gamma,) = r.read_uint(1, 1)
         if gamma:
-            fr = fc.FieldReader(body, r.pos)
+            fr = fields.FieldReader(body, r.pos)
             idx = np.cumsum(fr.gamma(k, "index gaps").astype(np.int64)) - 1
             fr.expect_end("topk payload body")
         else:

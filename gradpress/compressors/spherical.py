@@ -43,10 +43,10 @@ import torch
 
 from gradpress.codec import BitReader, BitWriter, read_categorical, write_categorical
 from gradpress.codec.entropy import MAX_ALPHABET
-from gradpress.compressors._fastcodes import FieldReader, pack_fields
 from gradpress.compressors.base import Compressor, generator_for
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
+from gradpress.kernels.fields import FieldReader, pack_fields
 
 #: Range of block gains kept (below ``2^-DYNAMIC_RANGE`` of the largest: zero).
 DYNAMIC_RANGE = 40

@@ -1,7 +1,7 @@
 """Compiled kernels of Sparse Dithering (Albasyoni et al. 2020, arXiv 2010.03246, Sec. 3):
 the grid-search passes of the deterministic encoder and the writer of the level body
-(``_level_codec`` states the bit format: 33 header bits, 29 trits per 46 bits, then
-``sum |k_i|`` unary bits, ``|k|-1`` ones and a zero per non-zero; ``_sd_reader`` reads it).
+(``level_codec`` states the bit format: 33 header bits, 29 trits per 46 bits, then
+``sum |k_i|`` unary bits, ``|k|-1`` ones and a zero per non-zero; ``sd_reader`` reads it).
 
 Every kernel works on *blocks* of coordinates: a multiple of 29 (trit groups never straddle
 blocks) fixed by ``d`` and a chunk length only (:func:`block_len`), never by the thread
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from gradpress._jit import kernel, serial
+from gradpress.kernels.jit import kernel, serial
 
 TRITS = 29
 TRIT_BITS = 46  # 3^29 < 2^46

@@ -5,7 +5,7 @@ reproduces).
 For each grid ``c = base * r`` the budgeted rounding of ``u = |x| / c`` keeps ``floor(u)`` and
 rounds up the largest gains ``g = 2 frac(u) - 1`` until ``sum frac^2 - budget`` is met; the
 threshold lies in one bin of a 4096-bin histogram of ``g`` (count and mass per bin, exact:
-``_sd_kernels`` explains why the gains are integers in units of ``2^-23``), and only that
+``sd_writer`` explains why the gains are integers in units of ``2^-23``), and only that
 bin needs sorting.
 
 1. :func:`scan` (one pass per ``r``): the histogram, ``sum floor`` and ``sum frac^2``, per
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gradpress.compressors import _sd_kernels as K
-from gradpress.compressors._level_codec import BodyLayout
+from gradpress.kernels import sd_writer as K
+from gradpress.kernels.level_codec import BodyLayout
 
 _BINS = K.NBINS
 #: Largest ``|x| / c`` the kernels take (``trunc`` through int32, ``k^2`` summed in int64);

@@ -1,6 +1,6 @@
 """Bit format of Sparse Dithering's signed integer levels (see ``sparse_dithering``'s docstring
 for the paper and the bit-cost formula), written and read by compiled kernels
-(``_sd_kernels``) block by block.
+(``sd_writer``) block by block.
 
     scale   32    float32 (big-endian bits)
     mode     1    0 = trits + unary, 1 = range-coded levels (``entropy=True`` only)
@@ -25,14 +25,14 @@ import torch
 
 from gradpress.codec import BitReader, BitWriter, read_categorical, write_categorical
 from gradpress.codec.entropy import MAX_ALPHABET
-from gradpress.compressors import _sd_kernels as K
-from gradpress.compressors import _sd_reader as R
-from gradpress.compressors._fastcodes import FieldReader
 from gradpress.errors import PayloadError
+from gradpress.kernels import sd_reader as R
+from gradpress.kernels import sd_writer as K
+from gradpress.kernels.fields import FieldReader
 
 UNARY, ENTROPY = 0, 1
 #: Least coordinates per block of the kernels: a multiple of 29 (blocks grow with ``d``,
-#: ``_sd_kernels.block_len``).
+#: ``sd_writer.block_len``).
 CHUNK = K.TRITS * 1100
 
 

@@ -1,7 +1,7 @@
 """One rank of DDP training with compressed gradients; run it under ``torchrun``.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        -m gradpress.dist.train_worker --compressor ecq --bits 2 --out results/train
+        -m gradpress.train.worker --compressor ecq --bits 2 --out results/train
 
 (``gradpress train`` builds that command.) Tasks, on scikit-learn's bundled data (no
 download): ``digits`` (8x8 images, a small CNN), ``breast_cancer`` (30 features, an MLP),
@@ -154,7 +154,7 @@ class _Bytes:
             ddp.register_comm_hook(self.state, ps.powerSGD_hook)
         elif self.kind != "ddp":
             import gradpress
-            from gradpress.dist import CompressionState, compression_hook
+            from gradpress.ddp import CompressionState, compression_hook
 
             fb_name = args.feedback
             if fb_name == "auto":

@@ -8,7 +8,7 @@ issue the same collectives in the same order; see DESIGN.md, "Distributed"):
   frame of ``4 + capacity`` bytes, the first 4 holding the real length (little-endian
   uint32), then the payload and zero padding. ``capacity`` must be known on every rank
   without communication (for a compressor: the worst-case payload size of a tensor of that
-  many elements, :func:`gradpress.dist.hook.payload_bound`). Wire cost per rank:
+  many elements, :func:`gradpress.ddp.hook.payload_bound`). Wire cost per rank:
   ``4 + capacity`` bytes.
 * **two collectives** (``capacity=None``): all-gather the lengths (one int64 per rank),
   wait, then all-gather the bytes padded to the longest. Wire cost per rank:

@@ -1,64 +1,25 @@
-"""Uniform stochastic quantizers: QSGD / standard dithering and the ECQ-SGD quantizer.
+"""The uniform quantizer grid shared by QSGD, ECQ-SGD, TernGrad and natural dithering.
 
-**QSGD** (Alistarh, Grubic, Li, Tomioka, Vojnovic, NeurIPS 2017, Sec. 3). For each bucket
-``v`` of ``n`` coordinates (the last bucket may be shorter) with ``s`` levels,
-
-    Q_s(v_i) = ||v||_2 * sgn(v_i) * xi_i / s,   xi_i = l + Bernoulli(s|v_i|/||v|| - l),
-    l = floor(s|v_i|/||v||),
-
-which is unbiased with ``E||Q(v)-v||^2 <= min(n/s^2, sqrt(n)/s) ||v||^2`` (Lemma 3.1), so
-``omega = min(n/s^2, sqrt(n)/s)`` with ``n = min(bucket_size, d)``. We round ``s v_i/||v||``
-stochastically on the signed integer grid ``-s..s``; that has the same distribution.
-
-Bits. A mode byte, ``32`` bits of float32 norm per bucket, then the cheaper of
-
-* dense: the signed level ``s + sgn*xi`` in ``w = ceil(log2(2s+1))`` bits
-  (``= 1 + ceil(log2(s+1))``: sign and level), ``d*w`` bits;
-* sparse (QSGD's "Elias coding", Sec. 3.1/Thm 3.2): gap flag, ``nnz``, the gaps between
-  nonzero positions in Elias gamma or delta (whichever is smaller), one sign bit and the
-  level in Elias gamma per nonzero. Codes are written in split streams at exactly the
-  textbook lengths, by compiled parallel kernels (layout in ``_elias_kernels``);
-* with ``entropy=True`` (or ``"range"``), the dense symbols range-coded (``codec.entropy``);
-* with ``entropy="huffman"``, the dense symbols in a canonical Huffman code fitted to this
-  payload (``codec.huffman``): letters are pairs of symbols ``levels*a + b`` when
-  ``levels <= 4`` (a trailing odd symbol paired with 0), single symbols otherwise; then
-  ``4`` bits of code length per letter of the alphabet and ``sum count_k L_k`` bits,
-  within one bit per letter of the empirical entropy. Much faster than range coding; for
-  ``levels <= 16``.
-
-``expected_bits`` uses the paper's Theorem 3.2 bound per bucket of ``n`` elements,
-``(3 + 1.5 log2(2(s^2+n)/(s(s+sqrt n)))) * s(s+sqrt n)`` (the ``o(1)`` dropped), or the dense
-size when that is smaller; it is a worst-case bound, so ``bits_rtol`` is wide (measured on
-Gaussian vectors with the defaults ``s=4, bucket_size=512``: 29-42% under it; with ``s=7``,
-25-50%).
-
-**ECQ-SGD quantizer** (Wu, Huang, Huang, Zhang, ICML 2018, Sec. 3). Our reading: each bucket
-``v`` is scaled by ``M = ||v||_inf`` (default) or ``||v||_2`` and quantized onto a codebook
-of ``s`` uniformly spaced points ``{-M + 2Mk/(s-1)}_{k=0..s-1}`` spanning ``[-M, M]``, with
-stochastic rounding to the two neighbouring points (unbiased). Bits: ``8 + 32*#buckets +
-d*ceil(log2 s)``; with ``entropy=True``/``"huffman"`` the codes are range-/Huffman-coded when
-that is smaller (a ternary ``s=3`` codebook on gradients, pairs Huffman-coded: ~1.13 bits
-per coordinate). The
-rounding variance is at most ``(M/(s-1))^2`` per coordinate and ``M <= ||v||_2``, so
-``omega = n/(s-1)^2``. (The paper's text was not available offline while writing this; the
-codebook and scaling follow its Sec. 3 description of uniformly distributed quantization
-points with a per-bucket scaling factor.)
+Per bucket ``v`` with scale ``M`` (its l2 or l-inf norm), gain ``a`` and offset ``c``, a
+coordinate becomes the integer symbol ``floor(a v_i / M + c + r_i)`` (``r_i ~ U[0,1)``:
+unbiased stochastic rounding onto the grid) and decodes as ``(sym - c) * M / a``. The body
+is a mode byte, ``32`` bits of float32 scale per bucket, then the smallest of the dense
+fixed-width code (``ceil(log2 levels)`` bits a symbol), the range code, the per-payload
+canonical Huffman code or a subclass's sparse code; the paper modules (``qsgd.py``,
+``ecq.py``, ``terngrad.py``, ``natural.py``) choose the grid.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
 from gradpress.codec import BitReader, BitWriter, huffman, read_categorical, write_categorical
-from gradpress.compressors import _elias_kernels as ek
-from gradpress.compressors import _fastcodes as fc
 from gradpress.compressors.base import Compressor
-from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
+from gradpress.kernels import quantize as fc
 from gradpress.payload import header_size
 
 DENSE, SPARSE, ENTROPY, HUFFMAN = 0, 1, 2, 3
@@ -232,111 +193,3 @@ class UniformQuantizer(Compressor):
     def _decode_sparse(self, body: bytes, pos: int, numel: int, inv: torch.Tensor,
                        device: torch.device) -> torch.Tensor:
         raise PayloadError(f"{self.name} has no sparse mode")
-
-
-@register
-class QSGD(UniformQuantizer):
-    """QSGD / standard dithering with ``s`` levels per bucket, l2 norm (Alistarh et al. 2017).
-
-    Picks per payload the smallest of the dense fixed-width code, QSGD's Elias-coded sparse
-    code and (``entropy=True``) range coding; ``omega = min(n/s^2, sqrt(n)/s)``.
-    """
-
-    name = "qsgd"
-    compressor_id = 10
-    bits_rtol = 0.6  # expected_bits is Thm 3.2's worst case; Gaussians land 25-50% under it
-    norm = "l2"
-
-    def __init__(self, s: int = 4, bucket_size: int | None = 512, entropy: bool = False,
-                 sparse: bool = True):
-        if not isinstance(s, int) or not 1 <= s <= 127:
-            raise ValueError(f"qsgd needs an integer number of levels s in 1..127, got {s!r}")
-        super().__init__(bucket_size, entropy)
-        self.s = s
-        self.sparse = bool(sparse)
-        self.levels = 2 * s + 1
-        self.gain = float(s)
-        self.offset = float(s)
-
-    def config(self) -> dict[str, Any]:
-        return {"s": self.s, "bucket_size": self.bucket_size, "entropy": self.entropy,
-                "sparse": self.sparse}
-
-    def omega(self, d: int) -> float:
-        n = self._bucket_len(d)
-        return min(n / self.s**2, math.sqrt(n) / self.s)
-
-    def sparse_bound_bits(self, n: int) -> float:
-        """QSGD Theorem 3.2: expected bits of the Elias code of one bucket of ``n`` (without
-        its 32-bit norm), ``(3 + 1.5 log2(2(s^2+n)/(s(s+sqrt n)))) s(s+sqrt n)``."""
-        s = self.s
-        k = s * (s + math.sqrt(n))
-        return (3 + 1.5 * math.log2(2 * (s * s + n) / k)) * k
-
-    def body_bits(self, d: int) -> float:
-        if d == 0:
-            return 0.0
-        b = self._bucket_len(d)
-        nfull, tail = divmod(d, b)
-        sparse = nfull * self.sparse_bound_bits(b) + (self.sparse_bound_bits(tail) if tail
-                                                      else 0.0)
-        return float(self._header_bits(d) + min(d * self.width, sparse))
-
-    def _sparse_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes | None:
-        if not self.sparse:
-            return None
-        # Compiled split-stream Elias code (layout in ``_elias_kernels``); None unless it is
-        # smaller than the dense code.
-        packed = ek.encode(sym_np, self.s, sym_np.size * self.width)
-        if packed is None:
-            return None
-        w = self._start(SPARSE, scale)
-        w.write_bytes(packed)
-        return w.getvalue()
-
-    def _decode_sparse(self, body: bytes, pos: int, numel: int, inv: torch.Tensor,
-                       device: torch.device) -> torch.Tensor:
-        data = np.frombuffer(body, dtype=np.uint8)
-        out = ek.decode(data, pos, numel, self.s, inv.cpu().numpy(), self._bucket_len(numel))
-        return torch.from_numpy(out).to(device)
-
-
-@register
-class ECQ(UniformQuantizer):
-    """ECQ-SGD's quantizer (Wu et al. 2018): ``s`` uniform codebook points in ``[-M, M]`` per
-    bucket, ``M`` the bucket's l-inf (default) or l2 norm; unbiased, ``omega = n/(s-1)^2``."""
-
-    name = "ecq"
-    compressor_id = 11
-
-    def __init__(self, bits: int | None = None, s: int | None = None,
-                 bucket_size: int | None = 512, norm: str = "linf", entropy: bool = False):
-        if bits is None and s is None:
-            bits = 2
-        if bits is not None:
-            if not isinstance(bits, int) or not 1 <= bits <= 8:
-                raise ValueError(f"ecq bits must be in 1..8, got {bits!r}")
-            if s is not None and s != 1 << bits:
-                raise ValueError(f"ecq got bits={bits} and s={s}; give one of them")
-            s = 1 << bits
-        if not isinstance(s, int) or not 2 <= s <= 256:
-            raise ValueError(f"ecq needs s in 2..256 codebook points, got {s!r}")
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"ecq norm must be 'linf' or 'l2', got {norm!r}")
-        super().__init__(bucket_size, entropy)
-        self.s = s
-        self.norm = norm
-        self.levels = s
-        self.gain = (s - 1) / 2.0
-        self.offset = (s - 1) / 2.0
-
-    def config(self) -> dict[str, Any]:
-        return {"s": self.s, "bucket_size": self.bucket_size, "norm": self.norm,
-                "entropy": self.entropy}
-
-    def omega(self, d: int) -> float:
-        return self._bucket_len(d) / (self.s - 1) ** 2
-
-    def codebook(self, scale: float = 1.0) -> np.ndarray:
-        """The ``s`` codebook points for a bucket of scale ``M = scale``."""
-        return scale * (-1.0 + 2.0 * np.arange(self.s) / (self.s - 1))

@@ -1,13 +1,13 @@
-"""Compiled reader of Sparse Dithering's level body (``_level_codec`` states the bit format:
+"""Compiled reader of Sparse Dithering's level body (``level_codec`` states the bit format:
 33 header bits, 29 trits per 46 bits, then ``sum |k_i|`` unary bits, ``|k|-1`` ones and a
 zero per non-zero; Albasyoni et al. 2020, Sec. 3).
 
-Blocks of coordinates (as in ``_sd_kernels``) decode in parallel: :func:`_read_trits` gives
+Blocks of coordinates (as in ``sd_writer``) decode in parallel: :func:`_read_trits` gives
 each block's trits and non-zero count; the ``z``-th zero of the unary section ends the
 ``z``-th code, so a table of zero bits per :data:`ZBLOCK` bytes (:func:`_zero_counts`) finds
 where a block's codes start (:func:`_nth_zero`), and :func:`_decode_blocks` reads the
 magnitudes as the gaps between consecutive zeros. The caller checks every length first
-(``_level_codec._read_unary_body``); numba does no bounds checks, so each kernel also stays
+(``level_codec._read_unary_body``); numba does no bounds checks, so each kernel also stays
 inside its buffers on any bytes (reads past the body see zeros).
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from gradpress._jit import kernel, serial
-from gradpress._words import _clz
-from gradpress.compressors._sd_kernels import HEAD, POW3, SUB, TRIT_BITS, TRITS
+from gradpress.kernels.jit import kernel, serial
+from gradpress.kernels.sd_writer import HEAD, POW3, SUB, TRIT_BITS, TRITS
+from gradpress.kernels.words import _clz
 
 #: Bytes per block of the zero-count table.
 ZBLOCK = 4096
