@@ -49,16 +49,16 @@ import torch.distributed as dist
 from gradpress.collectives.allgather import (
     STATUS_ERROR,
     STATUS_NONFINITE,
-    STATUS_OVERFLOW,
     STATUS_SKIP,
     Entry,
     allgather_bytes_async,
 )
+from gradpress.collectives.average import mean_of_payloads
+from gradpress.collectives.two_phase import TwoPhaseBucket
 from gradpress.compressors import Compressor
 from gradpress.ddp.state import CompressionState, StepBytes, _mix_seed, payload_bound
-from gradpress.errors import NonFiniteGradientError, PayloadError, PeerError
+from gradpress.errors import NonFiniteGradientError, PeerError
 from gradpress.feedback import Feedback
-from gradpress.payload import Payload
 
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket
@@ -72,11 +72,72 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket
     step = state._step()
     if state.uses_allreduce():
         fut = _allreduce(state, buffer, world, step)
+    elif state.collective_for(world) == "two_phase":
+        fut = _two_phase(state, buffer, index, rank, step, is_last)
     else:
         fut = _gather(state, buffer, index, world, rank, step)
     if is_last:
         state._end_step()
     return fut
+
+
+def _two_phase(state: CompressionState, buffer: torch.Tensor, index: int, rank: int,
+               step: StepBytes, is_last: bool) -> torch.futures.Future[torch.Tensor]:
+    """Start this bucket's all-to-all, then run the previous bucket's owner step and
+    all-gather (all of them at the last bucket): collectives leave every rank in the same
+    order, and each bucket's all-to-all overlaps the backward pass of the next."""
+    key = state._key_for(index, buffer.numel())
+    it = step.step
+    if state.bounded is True and payload_bound(state.compressor, 1) is None:
+        raise ValueError(f"compressor {state.compressor.name!r} declares no payload bound; "
+                         "use bounded='auto' or False")
+    bucket = TwoPhaseBucket(
+        state.compressor, state.feedback, state.server_feedback, key, buffer,
+        seed_of=lambda j, side: _mix_seed(state.seed, it, index, rank, j, side),
+        group=state.group, bounded=state.bounded in (True, "auto"), crc=state.crc,
+        on_nonfinite=state.on_nonfinite, where=f"step {it}, bucket {index}",
+        undo=step.undo if state.on_nonfinite == "skip" else None)
+    result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    state._pending.append((bucket, result, buffer, key, step))
+    while len(state._pending) > (0 if is_last else 1):
+        _gather_shards(state, *state._pending.popleft())
+    return result
+
+
+def _gather_shards(state: CompressionState, bucket: TwoPhaseBucket,
+                   result: torch.futures.Future, buffer: torch.Tensor, key: str,
+                   step: StepBytes) -> None:
+    """Steps 4-6 of one bucket; ``result`` completes with the bucket."""
+    try:
+        fut = bucket.gather()
+    except Exception as e:
+        state._pending.clear()
+        result.set_exception(e)
+        raise
+    step.payload_bytes += bucket.payload_bytes
+    step.payload_lengths[int(key)] = bucket.payload_bytes
+    step.wire_bytes += bucket.traffic.sent
+    step.sent_bytes += bucket.traffic.sent
+    step.received_bytes += bucket.traffic.received
+    step.buckets += 1
+
+    def finish(f: torch.futures.Future) -> None:
+        try:
+            reduced = f.value()
+            if reduced is None:  # every rank skips the whole step
+                step.skipped += 1
+                _undo_step(step)
+                buffer.zero_()
+            else:
+                buffer.copy_(state.feedback.apply(key, reduced))
+                if step.skipped:  # another bucket of this step was skipped
+                    _undo_step(step)
+        except Exception as e:  # noqa: BLE001 - handed to DDP through the future
+            result.set_exception(e)
+            return
+        result.set_result(buffer)
+
+    fut.then(finish)
 
 
 def _allreduce(state: CompressionState, buffer: torch.Tensor, world: int, step: StepBytes
@@ -87,6 +148,8 @@ def _allreduce(state: CompressionState, buffer: torch.Tensor, world: int, step: 
     step.payload_bytes += nbytes
     step.wire_bytes += nbytes
     step.gathered_payload_bytes += nbytes * world
+    step.sent_bytes += 2 * (world - 1) * nbytes // world  # ring all-reduce: reduce-scatter
+    step.received_bytes += 2 * (world - 1) * nbytes // world  # + all-gather, each way
     step.buckets += 1
     it = step.step
 
@@ -115,7 +178,7 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     sent: torch.Tensor | None = None
     local_error: Exception | None = None
     if state.on_nonfinite == "skip":  # pre-step state (commit/apply never mutate it in place)
-        step.undo.setdefault(key, fb._state.get(key))
+        step.undo.setdefault((id(fb), key), (fb, fb._state.get(key)))
     try:
         mine, sent = _compress_own(comp, fb, key, buffer.detach(), seed, state.crc)
     except NonFiniteGradientError:
@@ -133,6 +196,8 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     step.buckets += 1
     fut, wire = allgather_bytes_async(mine, state.group, capacity=bound)
     step.wire_bytes += wire()
+    step.sent_bytes += wire()
+    step.received_bytes += (world - 1) * wire()
     it = step.step
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
@@ -145,23 +210,26 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
                             "rank) came back corrupted from the all-gather")
         if any(e == STATUS_SKIP for e in entries):  # every rank skips the whole step
             step.skipped += 1
-            _undo_step(fb, step)
+            _undo_step(step)
             buffer.zero_()
             return buffer
-        mean = _average(comp, entries, rank, sent, buffer, it, index)
+        into = (buffer if buffer.dtype == torch.float32 and buffer.is_contiguous()
+                and buffer.dim() == 1 else None)
+        mean = mean_of_payloads(comp, entries, rank, sent, buffer.numel(), buffer.device,
+                                f"step {it}, bucket {index}", into=into).to(buffer.dtype)
         update = fb.apply(key, mean)
-        if not _same_memory(update, buffer):  # _average may have written into the bucket
+        if not _same_memory(update, buffer):  # the mean may have been summed into the bucket
             buffer.copy_(update)
         if step.skipped:  # another bucket of this step was skipped after this one began
-            _undo_step(fb, step)
+            _undo_step(step)
         return buffer
 
     return fut.then(finish)
 
 
-def _undo_step(fb: Feedback, step: StepBytes) -> None:
-    """Put every bucket's feedback state of ``step`` back to its pre-step value."""
-    for key, old in list(step.undo.items()):
+def _undo_step(step: StepBytes) -> None:
+    """Put every feedback state that ``step`` touched back to its pre-step value."""
+    for (_, key), (fb, old) in list(step.undo.items()):
         if old is None:
             fb._state.pop(key, None)
         else:
@@ -187,58 +255,3 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same elements of the same storage (copy is a no-op)."""
     return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
             and a.stride() == b.stride() and a.device == b.device)
-
-
-def _average(comp: Compressor, entries: list[Entry], rank: int, sent: torch.Tensor | None,
-             buffer: torch.Tensor, it: int, index: int) -> torch.Tensor:
-    """Mean of the decoded payloads in rank order (own payload: the ``sent`` already decoded
-    from the same bytes); raises the same error on every rank for a bad peer."""
-    failed = [r for r, e in enumerate(entries) if e == STATUS_ERROR]
-    if failed:
-        raise PeerError(f"step {it}, bucket {index}: rank(s) {failed} failed to compress their "
-                        "gradient (their own logs say why); this rank stops with them")
-    bad = {r: e for r, e in enumerate(entries) if e in (STATUS_NONFINITE, STATUS_OVERFLOW)}
-    if any(e == STATUS_NONFINITE for e in bad.values()):
-        ranks = sorted(r for r, e in bad.items() if e == STATUS_NONFINITE)
-        raise NonFiniteGradientError(
-            f"step {it}, bucket {index}: rank(s) {ranks} had NaN/Inf gradients; fix the loss "
-            "or clip, or use CompressionState(on_nonfinite='skip')")
-    if bad:
-        raise PeerError(f"step {it}, bucket {index}: rank(s) {sorted(bad)} produced payloads "
-                        f"larger than {comp.name}'s declared bound; report this as a bug")
-    first: torch.Tensor | None = None  # the first decoded payload, until a second comes
-    acc: torch.Tensor | None = None
-    n = 0
-    valid = sum(isinstance(e, bytes) for e in entries)
-    # With exactly two payloads both are decoded before the first add, so the sum can go
-    # straight into a float32 bucket (no longer needed: this rank's feedback has committed)
-    # with nothing written if a decode fails; otherwise into a new accumulator.
-    into = (buffer if valid == 2 and buffer.dtype == torch.float32 and buffer.is_contiguous()
-            and buffer.dim() == 1 else None)
-    for r, e in enumerate(entries):
-        if isinstance(e, int):
-            continue
-        if r == rank and sent is not None:
-            dec = sent
-        else:
-            try:
-                p = Payload.from_bytes(e)
-                if p.shape != (buffer.numel(),):
-                    raise PayloadError(f"shape {p.shape}, bucket has {buffer.numel()}")
-                dec = comp.decode(p, device=buffer.device)
-            except PayloadError as err:
-                raise PeerError(f"step {it}, bucket {index}: the payload from rank {r} is "
-                                f"unusable ({err}); corrupted in transit, or do all ranks "
-                                "use the same compressor?") from err
-        dec = dec.reshape(-1).float()
-        n += 1
-        if n == 1:
-            first = dec
-        elif n == 2:  # d0 + d1, no clone of d0 first
-            acc, first = torch.add(first, dec, out=into), None
-        else:
-            acc.add_(dec)
-    if n == 0:  # every rank skipped this bucket
-        return torch.zeros_like(buffer)
-    acc = first.clone() if acc is None else acc
-    return acc.div_(n).to(buffer.dtype)

@@ -2,15 +2,21 @@
 object (shaped like PyTorch's ``PowerSGDState``), with per-step byte counts and checkpoints.
 """
 
+import collections
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
 
+from gradpress.collectives.two_phase import owner_key
 from gradpress.compressors import Compressor, get
 from gradpress.feedback import Feedback, NoFeedback
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Collectives a :class:`CompressionState` can use.
+COLLECTIVES = ("auto", "allgather", "two_phase")
+#: ``collective="auto"`` uses two_phase from this many ranks up.
+TWO_PHASE_FROM = 3
 
 
 _MASK = (1 << 64) - 1
@@ -40,6 +46,12 @@ class StepBytes:
     step: int
     payload_bytes: int = 0  #: ``len(payload.to_bytes())`` of this rank's payloads
     wire_bytes: int = 0  #: what this rank put into the collectives (frames, padding)
+    #: bytes of frames this rank put into the step's collectives for other ranks (an
+    #: all-gather frame counts once, an all-to-all frame once per destination; a ring
+    #: all-reduce counts its reduce-scatter + all-gather traffic, ``2 (P-1)/P`` of the data)
+    sent_bytes: int = 0
+    #: bytes of other ranks' frames this rank took out of the step's collectives
+    received_bytes: int = 0
     gathered_payload_bytes: int = 0  #: every rank's payload lengths, summed (received view)
     buckets: int = 0
     skipped: int = 0  #: buckets where some rank skipped a non-finite gradient
@@ -79,12 +91,24 @@ class CompressionState:
         crc: append a CRC32 to every payload (4 bytes more each); a frame corrupted in
             transit raises :class:`~gradpress.errors.PeerError` on every rank naming the
             rank that sent it ("the payload from rank r"), instead of training on garbage.
+        collective: ``"allgather"``: every rank gathers every rank's whole payload ((P-1)
+            payloads in and P decodes per bucket); ``"two_phase"``: the two-phase
+            compressed all-reduce of :mod:`gradpress.collectives.two_phase` (each rank
+            sends ~C and receives ~2C(P-1)/P bytes per bucket whatever P is, O(d) decode);
+            ``"auto"``: ``two_phase`` from :data:`TWO_PHASE_FROM` ranks up, else
+            ``allgather`` (with 2 ranks both move the same bytes and two_phase adds a second
+            quantization and a second round trip).
+        server_feedback: the shard owners' feedback for ``two_phase`` (state: ``d/P``
+            elements per rank and bucket); default: a fresh feedback of the same kind and
+            configuration as ``feedback`` (ECQ-SGD on both sides, as DeepSpeed keeps a
+            worker and a server error).
 
     Fields (read them after ``loss.backward()``):
         iter: steps completed (incremented at the last bucket of a step).
         last_step: :class:`StepBytes` of the latest step; ``history`` has one per step
             (bounded by ``history_len``).
-        total_payload_bytes, total_wire_bytes: sums over all steps so far.
+        total_payload_bytes, total_wire_bytes, total_sent_bytes, total_received_bytes:
+            sums over all steps so far.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None,
@@ -92,7 +116,8 @@ class CompressionState:
                  compressor_kwargs: dict[str, Any] | None = None, seed: int = 0,
                  bounded: bool | str = "auto", allreduce_fast_path: bool = True,
                  on_nonfinite: str = "raise", history_len: int = 100_000,
-                 crc: bool = False) -> None:
+                 crc: bool = False, collective: str = "auto",
+                 server_feedback: Feedback | None = None) -> None:
         if isinstance(compressor, str):
             compressor = get(compressor, **(compressor_kwargs or {}))
         elif compressor_kwargs:
@@ -108,6 +133,12 @@ class CompressionState:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if bounded not in (True, False, "auto"):
             raise ValueError(f"bounded must be True, False or 'auto', got {bounded!r}")
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        if server_feedback is None:
+            server_feedback = type(feedback)(**feedback.config())
+        if not isinstance(server_feedback, Feedback) or server_feedback is feedback:
+            raise TypeError("server_feedback must be a gradpress Feedback other than feedback")
         self.process_group = process_group
         self.compressor = compressor
         self.feedback = feedback
@@ -117,18 +148,30 @@ class CompressionState:
         self.on_nonfinite = on_nonfinite
         self.history_len = int(history_len)
         self.crc = bool(crc)
+        self.collective = collective
+        self.server_feedback = server_feedback
         self.iter = 0
         self.bucket_numel: dict[int, int] = {}
         self.last_step = StepBytes(0)
         self.history: list[StepBytes] = []
         self.total_payload_bytes = 0
         self.total_wire_bytes = 0
+        self.total_sent_bytes = 0
+        self.total_received_bytes = 0
         self._current: StepBytes | None = None
+        #: two_phase buckets whose all-gather is not issued yet (see ``ddp.hook``)
+        self._pending: collections.deque = collections.deque()
 
     # -- helpers the hook uses -------------------------------------------------------------
     @property
     def group(self) -> dist.ProcessGroup:
         return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def collective_for(self, world: int) -> str:
+        """The collective used with ``world`` ranks (``"auto"`` resolved)."""
+        if self.collective != "auto":
+            return self.collective
+        return "two_phase" if world >= TWO_PHASE_FROM else "allgather"
 
     def uses_allreduce(self) -> bool:
         """Whether buckets are all-reduced in the wire dtype (fp16/bf16, no feedback)."""
@@ -148,6 +191,8 @@ class CompressionState:
         del self.history[:-self.history_len]
         self.total_payload_bytes += cur.payload_bytes
         self.total_wire_bytes += cur.wire_bytes
+        self.total_sent_bytes += cur.sent_bytes
+        self.total_received_bytes += cur.received_bytes
         self._current = None
         self.iter += 1
 
@@ -166,6 +211,9 @@ class CompressionState:
             sd = self.feedback.state_dict()
             del sd["state"][key]
             self.feedback.load_state_dict(sd)
+        if self.bucket_numel.get(index, numel) != numel:  # the owners' shards changed too
+            for k in (key, owner_key(key)):
+                self.server_feedback._state.pop(k, None)
         self.bucket_numel[index] = numel
         return key
 
@@ -176,11 +224,15 @@ class CompressionState:
             "version": STATE_VERSION,
             "compressor": {"name": self.compressor.name, "config": self.compressor.config()},
             "feedback": self.feedback.state_dict(),
+            "server_feedback": self.server_feedback.state_dict(),
+            "collective": self.collective,
             "seed": self.seed,
             "iter": self.iter,
             "bucket_numel": dict(self.bucket_numel),
             "total_payload_bytes": self.total_payload_bytes,
             "total_wire_bytes": self.total_wire_bytes,
+            "total_sent_bytes": self.total_sent_bytes,
+            "total_received_bytes": self.total_received_bytes,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -191,13 +243,22 @@ class CompressionState:
         if sd.get("compressor") != want:
             raise ValueError(f"state_dict was saved with compressor {sd.get('compressor')}, "
                              f"this state uses {want}")
+        if sd.get("collective") != self.collective:
+            raise ValueError(f"state_dict was saved with collective {sd.get('collective')!r}, "
+                             f"this state uses {self.collective!r}")
+        server = type(self.server_feedback)(**self.server_feedback.config())
+        server.load_state_dict(sd["server_feedback"])  # validated before anything changes
         self.feedback.load_state_dict(sd["feedback"])
+        self.server_feedback = server
         self.seed = int(sd["seed"])
         self.iter = int(sd["iter"])
         self.bucket_numel = {int(k): int(v) for k, v in sd["bucket_numel"].items()}
         self.total_payload_bytes = int(sd["total_payload_bytes"])
         self.total_wire_bytes = int(sd["total_wire_bytes"])
+        self.total_sent_bytes = int(sd["total_sent_bytes"])
+        self.total_received_bytes = int(sd["total_received_bytes"])
         self._current = None
+        self._pending.clear()
         self._restored = True  # a later bucket-layout change warns (see _key_for)
 
     def __repr__(self) -> str:

@@ -1,0 +1,168 @@
+"""The two-phase compressed all-reduce on real gloo groups of 3 and 4 ranks: lossless equals
+plain DDP, lossy keeps ranks bit-identical, bytes follow the formulas, faults fail fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_harness import digest, run_ranks, small_model
+
+import gradpress
+from gradpress.collectives.two_phase import shard_bounds, shard_capacity
+from gradpress.ddp import CompressionState, payload_bound
+
+PG_TIMEOUT_S = 8
+STEPS = 4
+
+
+def test_shard_bounds_cover_the_bucket_in_order():
+    for d in (0, 1, 2, 5, 100, 1001):
+        for world in (1, 2, 3, 4, 8):
+            b = shard_bounds(d, world)
+            assert len(b) == world and b[0][0] == 0 and b[-1][1] == d
+            assert all(e0 == s1 for (_, e0), (s1, _) in zip(b, b[1:]))
+            sizes = [e - s for s, e in b]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def _batches(rank: int, steps: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+            for _ in range(steps)]
+
+
+def _train(rank: int, cfg: dict, steps: int = STEPS) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.ddp import compression_hook
+
+    model = DDP(small_model(), bucket_cap_mb=0.0004)  # ~100 floats a bucket: one per layer
+    state = None
+    if cfg.get("compressor"):
+        state = CompressionState(
+            None, compressor=cfg["compressor"], compressor_kwargs=cfg.get("kwargs"),
+            feedback=gradpress.feedback.get(cfg.get("feedback", "none")), seed=7,
+            collective=cfg.get("collective", "two_phase"), bounded=cfg.get("bounded", "auto"),
+            crc=cfg.get("crc", False))
+        model.register_comm_hook(state, compression_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in _batches(rank, steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    out = {"digest": digest(model.module),
+           "params": torch.cat([p.detach().reshape(-1) for p in model.module.parameters()]
+                               ).tolist()}  # plain floats: tensors would share memory
+    if state is not None:
+        s = state.last_step
+        out.update(sent=s.sent_bytes, received=s.received_bytes, payload=s.payload_bytes,
+                   buckets=s.buckets, numel=dict(state.bucket_numel),
+                   server_keys=state.server_feedback.keys(), iter=state.iter)
+    return out
+
+
+CONFIGS = {
+    "ddp": {},
+    "fp32": {"compressor": "fp32"},
+    "fp32-unbounded": {"compressor": "fp32", "bounded": False},
+    "ecq+ecq": {"compressor": "ecq", "kwargs": {"bits": 2}, "feedback": "ecq"},
+    "sign+ef": {"compressor": "sign", "feedback": "ef"},
+    "fp32-allgather": {"compressor": "fp32", "collective": "allgather"},
+    "qsgd-auto": {"compressor": "qsgd", "kwargs": {"s": 2}, "collective": "auto"},
+}
+
+
+def _all_configs(rank: int) -> dict:
+    return {label: _train(rank, cfg) for label, cfg in CONFIGS.items()}
+
+
+@pytest.fixture(scope="module", params=[3, 4], ids=["3ranks", "4ranks"])
+def runs(request) -> tuple[int, list[dict]]:
+    world = request.param
+    res, _ = run_ranks(_all_configs, world, deadline=60, pg_timeout=PG_TIMEOUT_S)
+    out = [res[r] for r in range(world)]
+    for r in out:
+        assert "error" not in r, r.get("trace")
+    return world, out
+
+
+def test_lossless_two_phase_equals_plain_ddp(runs):
+    world, res = runs
+    ref = torch.tensor(res[0]["ddp"]["params"])
+    for label in ("fp32", "fp32-unbounded", "fp32-allgather"):
+        got = torch.tensor(res[0][label]["params"])
+        rel = float((got - ref).abs().max() / ref.abs().max())
+        assert rel < 1e-5, (label, rel)
+        assert not torch.equal(got, small_model_params()), "training moved nothing"
+
+
+def small_model_params() -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in small_model().parameters()])
+
+
+@pytest.mark.parametrize("label", [k for k in CONFIGS if k != "ddp"])
+def test_every_rank_ends_with_identical_parameters(runs, label):
+    world, res = runs
+    assert len({r[label]["digest"] for r in res}) == 1
+    assert res[0][label]["buckets"] >= 3, "the model must span several buckets"
+
+
+def test_lossy_two_phase_trains_differently_from_lossless(runs):
+    _, res = runs
+    assert res[0]["ecq+ecq"]["digest"] != res[0]["fp32"]["digest"]
+    assert res[0]["sign+ef"]["digest"] != res[0]["fp32"]["digest"]
+
+
+def test_auto_picks_two_phase_from_three_ranks(runs):
+    world, res = runs
+    # the owners' feedback state exists only on the two-phase path
+    assert res[0]["qsgd-auto"]["server_keys"] == sorted(
+        f"{i}/owner" for i in res[0]["qsgd-auto"]["numel"])
+
+
+def test_owner_feedback_holds_one_shard_per_bucket(runs):
+    world, res = runs
+    for r in res:
+        keys = r["ecq+ecq"]["server_keys"]
+        assert sorted(keys) == sorted(f"{i}/owner" for i in r["ecq+ecq"]["numel"]), keys
+
+
+def test_two_phase_bytes_follow_the_frame_formulas(runs):
+    world, res = runs
+    comp = gradpress.get("fp32")
+    for r in res:
+        got = r["fp32"]
+        sent = received = 0
+        for d in got["numel"].values():
+            frame = 4 + shard_capacity(comp, d, world, crc=False)
+            sent += (world - 1) * frame + frame  # all-to-all: one per peer; all-gather: own
+            received += 2 * (world - 1) * frame  # all-to-all + all-gather, from each peer
+        assert (got["sent"], got["received"]) == (sent, received)
+
+
+def test_two_phase_moves_about_two_c_per_rank_whatever_p(runs):
+    world, res = runs
+    comp = gradpress.get("fp32")
+    for r in res:
+        c = sum(payload_bound(comp, d) for d in r["fp32"]["numel"].values())  # whole payloads
+        want = 2 * c * (world - 1) / world
+        assert abs(r["fp32-unbounded"]["received"] - want) / want < 0.25
+        allgather = r["fp32-allgather"]
+        frames = sum(4 + payload_bound(comp, d) for d in allgather["numel"].values())
+        assert (allgather["sent"], allgather["received"]) == (frames, (world - 1) * frames)
+
+
+def test_unbounded_two_phase_counts_real_lengths(runs):
+    world, res = runs
+    comp = gradpress.get("fp32")
+    for rank, r in enumerate(res):
+        got = r["fp32-unbounded"]
+        sent = received = 0
+        for d in got["numel"].values():
+            sizes = [e - s for s, e in shard_bounds(d, world)]
+            frame = [4 + payload_bound(comp, n) for n in sizes]
+            sent += sum(8 + frame[j] for j in range(world) if j != rank)  # lengths + frames
+            received += (world - 1) * (8 + frame[rank])
+            sent += 8 + 4 + max(frame) - 4  # all-gather: lengths, then frames padded to the
+            received += (world - 1) * (8 + max(frame))  # longest
+        assert (got["sent"], got["received"]) == (sent, received)
