@@ -47,10 +47,11 @@ def _ddp(model: torch.nn.Module, state: CompressionState | None):
 FAULT_STEP = 2
 
 
-def _train_with_fault(rank: int, fault: str) -> dict:
+def _train_with_fault(rank: int, fault: str, collective: str) -> dict:
     model = _ddp(small_model(), CompressionState(None, compressor="ecq",
                                             compressor_kwargs={"bits": 2},
-                                            feedback=gradpress.ECQFeedback()))
+                                            feedback=gradpress.ECQFeedback(),
+                                            collective=collective))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     t_fault = None
     try:
@@ -70,10 +71,12 @@ def _train_with_fault(rank: int, fault: str) -> dict:
     return {"caught": None}
 
 
+@pytest.mark.parametrize("collective", ["allgather", "two_phase"])
 @pytest.mark.parametrize("fault", ["kill", "stall"])
-def test_dead_or_stalled_peer_fails_the_others_within_the_timeout(fault):
+def test_dead_or_stalled_peer_fails_the_others_within_the_timeout(fault, collective):
+    # two_phase: the survivors wait in the all-to-all of the step's first bucket
     t0 = time.monotonic()
-    res, codes = run_ranks(_train_with_fault, 3, fault, expect=[0, 1])
+    res, codes = run_ranks(_train_with_fault, 3, fault, collective, expect=[0, 1])
     for r in (0, 1):
         got = res[r]
         assert "error" not in got, got.get("trace")

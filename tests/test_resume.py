@@ -97,7 +97,7 @@ def test_simulator_resume_from_checkpoint_is_bit_identical(tmp_path):
 K, M = 3, 3
 
 
-def _setup(stable_buckets: bool = True):
+def _setup(collective: str, stable_buckets: bool = True):
     from dist_harness import small_model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -105,7 +105,8 @@ def _setup(stable_buckets: bool = True):
 
     inner = small_model()
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
-                             feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9), seed=11)
+                             feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9), seed=11,
+                             collective=collective)
     # find_unused_parameters=True: DDP never rebuilds its buckets, so a fresh process has
     # from its first step the bucket layout the checkpoint's residuals were keyed by
     model = DDP(inner, bucket_cap_mb=0.0004, find_unused_parameters=stable_buckets)
@@ -127,8 +128,8 @@ def _params(inner) -> list[bytes]:
     return [p.detach().numpy().tobytes() for p in inner.parameters()]
 
 
-def _first_run(rank: int, ckpt_dir: str) -> dict:
-    inner, model, opt, state = _setup()
+def _first_run(rank: int, ckpt_dir: str, collective: str) -> dict:
+    inner, model, opt, state = _setup(collective)
     _train(model, opt, rank, range(K))
     torch.save({"model": inner.state_dict(), "opt": opt.state_dict(),
                 "compression": state.state_dict()},
@@ -136,16 +137,19 @@ def _first_run(rank: int, ckpt_dir: str) -> dict:
     at_k = _params(inner)
     _train(model, opt, rank, range(K, K + M))
     return {"params": _params(inner), "at_k": at_k, "iter": state.iter,
-            "fb_keys": state.feedback.keys()}
+            "fb_keys": state.feedback.keys(), "server_keys": state.server_feedback.keys()}
 
 
-def _resumed_run(rank: int, ckpt_dir: str, load_feedback: bool, stable: bool = True) -> dict:
-    inner, model, opt, state = _setup(stable)
+def _resumed_run(rank: int, ckpt_dir: str, collective: str, load_feedback: bool,
+                 stable: bool = True, drop_server: bool = False) -> dict:
+    inner, model, opt, state = _setup(collective, stable)
     ck = torch.load(os.path.join(ckpt_dir, f"rank{rank}.pt"))
     inner.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     if load_feedback:
         state.load_state_dict(ck["compression"])
+        if drop_server:  # the control: the owners' residuals lost
+            state.server_feedback.reset()
     else:  # the control: only the step counter, no residuals
         state.iter = ck["compression"]["iter"]
     loaded = _params(inner)
@@ -156,19 +160,23 @@ def _resumed_run(rank: int, ckpt_dir: str, load_feedback: bool, stable: bool = T
             "warnings": [str(w.message) for w in caught if "checkpoint" in str(w.message)]}
 
 
-def _resumed_all(rank: int, ckpt_dir: str) -> dict:
-    return {"full": _resumed_run(rank, ckpt_dir, True),
-            "no_feedback": _resumed_run(rank, ckpt_dir, False),
-            "rebuilt": _resumed_run(rank, ckpt_dir, True, stable=False)}
+def _resumed_all(rank: int, ckpt_dir: str, collective: str) -> dict:
+    return {"full": _resumed_run(rank, ckpt_dir, collective, True),
+            "no_feedback": _resumed_run(rank, ckpt_dir, collective, False),
+            "rebuilt": _resumed_run(rank, ckpt_dir, collective, True, stable=False),
+            **({"no_server": _resumed_run(rank, ckpt_dir, collective, True, drop_server=True)}
+               if collective == "two_phase" else {})}
 
 
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> tuple[dict, dict]:
+@pytest.fixture(scope="module", params=[(2, "allgather"), (3, "two_phase")],
+                ids=["2ranks-allgather", "3ranks-two_phase"])
+def ddp_runs(request, tmp_path_factory) -> tuple[dict, dict]:
+    world, collective = request.param
     ckpt = str(tmp_path_factory.mktemp("ckpt"))
-    first, _ = run_ranks(_first_run, 2, ckpt)
+    first, _ = run_ranks(_first_run, world, ckpt, collective)
     for r in first.values():
         assert "error" not in r, r.get("trace")
-    resumed, _ = run_ranks(_resumed_all, 2, ckpt)  # fresh processes
+    resumed, _ = run_ranks(_resumed_all, world, ckpt, collective)  # fresh processes
     for r in resumed.values():
         assert "error" not in r, r.get("trace")
     return first, resumed
@@ -176,21 +184,24 @@ def ddp_runs(tmp_path_factory) -> tuple[dict, dict]:
 
 def test_ddp_resume_from_per_rank_checkpoints_is_bit_identical(ddp_runs):
     first, resumed = ddp_runs
-    for rank in (0, 1):
+    for rank in first:
         a, b = first[rank], resumed[rank]["full"]
         assert b["loaded"] == a["at_k"]
         assert a["params"] != a["at_k"], "training did not move the parameters"
         assert b["params"] == a["params"], f"rank {rank}: resumed run differs"
         assert a["iter"] == b["iter"] == K + M
         assert a["fb_keys"], "ECQ feedback kept no residual"
-    digest = {hashlib.sha256(b"".join(first[r]["params"])).hexdigest() for r in (0, 1)}
-    assert len(digest) == 1  # and both ranks agree
+    digest = {hashlib.sha256(b"".join(first[r]["params"])).hexdigest() for r in first}
+    assert len(digest) == 1  # and every rank agrees
 
 
 def test_ddp_resume_without_feedback_state_diverges(ddp_runs):
     # the residuals are part of the state: leaving them out gives other parameters
     first, resumed = ddp_runs
     assert resumed[0]["no_feedback"]["params"] != first[0]["params"]
+    if len(first) > 2:  # two_phase: the shard owners' residuals are state too
+        assert first[0]["server_keys"], "two_phase kept no owner residual"
+        assert resumed[0]["no_server"]["params"] != first[0]["params"]
 
 
 def test_resume_loads_into_fresh_state_only_with_the_same_compressor():

@@ -166,3 +166,105 @@ def test_unbounded_two_phase_counts_real_lengths(runs):
             sent += 8 + 4 + max(frame) - 4  # all-gather: lengths, then frames padded to the
             received += (world - 1) * (8 + max(frame))  # longest
         assert (got["sent"], got["received"]) == (sent, received)
+
+
+# --- faults at 3 ranks -----------------------------------------------------------------------
+
+def _nan_run(rank: int, mode: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.ddp import compression_hook
+
+    model = DDP(small_model(), bucket_cap_mb=0.0004)
+    state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
+                             feedback=gradpress.ECQFeedback(), on_nonfinite=mode,
+                             collective="two_phase")
+    model.register_comm_hook(state, compression_hook)
+    caught, fb_before = None, None
+    for step, (x, _) in enumerate(_batches(rank, 4)):  # step 2: after DDP's bucket rebuild
+        if step == 2:
+            fb_before = (state.feedback.state_dict()["state"],
+                         state.server_feedback.state_dict()["state"])
+            if rank == 1:
+                x[0, 0] = float("nan")
+        try:
+            model.zero_grad()
+            model(x).sum().backward()
+        except Exception as e:  # noqa: BLE001 - what each rank sees is the result
+            caught = f"{type(e).__name__}: {e}"
+            break
+        if step == 2:
+            after = (state.feedback.state_dict()["state"],
+                     state.server_feedback.state_dict()["state"])
+            same = all(torch.equal(a[k][n], b[k][n]) for a, b in zip(fb_before, after)
+                       for k in a for n in a[k]) and all(
+                           a.keys() == b.keys() for a, b in zip(fb_before, after))
+    out = {"caught": caught, "skipped": [s.skipped for s in state.history]}
+    if mode == "skip":
+        out["feedback_restored"] = same
+        out["digest"] = digest(model.module)
+    return out
+
+
+def _crc_run(rank: int) -> dict:
+    """Rank 1 flips a byte of every shard payload after its CRC was computed."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradpress.collectives import two_phase
+    from gradpress.ddp import compression_hook
+
+    if rank == 1:
+        encode = two_phase._encode
+
+        def corrupt(comp, x, seed, crc):
+            raw, dec = encode(comp, x, seed, crc)
+            if raw:  # a byte of the body, before the 4-byte CRC
+                raw = raw[:-5] + bytes([raw[-5] ^ 0x10]) + raw[-4:]
+            return raw, dec
+        two_phase._encode = corrupt
+    model = DDP(small_model(), bucket_cap_mb=0.0004)
+    state = CompressionState(None, compressor="qsgd", compressor_kwargs={"s": 4},
+                             collective="two_phase", crc=True)
+    model.register_comm_hook(state, compression_hook)
+    try:
+        model(torch.randn(8, 20)).sum().backward()
+    except Exception as e:  # noqa: BLE001
+        return {"caught": f"{type(e).__name__}: {e}"}
+    return {"caught": None}
+
+
+def _fault_cases(rank: int) -> dict:
+    return {"raise": _nan_run(rank, "raise"), "skip": _nan_run(rank, "skip"),
+            "crc": _crc_run(rank)}
+
+
+@pytest.fixture(scope="module")
+def faults() -> list[dict]:
+    res, _ = run_ranks(_fault_cases, 3, deadline=60, pg_timeout=PG_TIMEOUT_S)
+    for r in res.values():
+        assert "error" not in r, r.get("trace")
+    return [res[r] for r in range(3)]
+
+
+def test_nan_on_one_rank_raises_on_every_rank(faults):
+    for r in faults:
+        assert r["raise"]["caught"] and "NonFiniteGradientError" in r["raise"]["caught"]
+        assert "rank(s) [1]" in r["raise"]["caught"], r["raise"]
+
+
+def test_nan_on_one_rank_skips_the_step_everywhere_and_restores_both_feedbacks(faults):
+    for r in faults:
+        got = r["skip"]
+        assert got["caught"] is None and got["skipped"][2] > 0
+        assert got["skipped"][:2] == [0, 0] and got["skipped"][3] == 0
+        assert got["feedback_restored"], "a skipped step left worker or owner state changed"
+    assert len({r["skip"]["digest"] for r in faults}) == 1
+
+
+def test_crc_names_the_rank_that_sent_a_corrupt_shard(faults):
+    owners, sender = (faults[0], faults[2]), faults[1]
+    for r in owners:  # each owner checks rank 1's shard frame and names it
+        assert r["crc"]["caught"] and "PeerError" in r["crc"]["caught"]
+        assert "from rank 1" in r["crc"]["caught"] and "CRC" in r["crc"]["caught"], r
+    # rank 1 itself learns which owners rejected its frames
+    assert "PeerError" in sender["crc"]["caught"] and "[0, 2]" in sender["crc"]["caught"]
