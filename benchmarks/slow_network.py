@@ -1,12 +1,14 @@
-"""Time to a target accuracy over a slow link: plain DDP vs PyTorch's hooks vs gradpress.
+"""Time to a target accuracy over slow links: plain DDP vs PyTorch's hooks vs gradpress.
 
-Needs root (``ip netns``, ``tc``). Builds two network namespaces joined by a veth pair
-(10.77.0.1 <-> 10.77.0.2, MTU 1500, private addresses inside namespaces this script
-creates), shapes each direction with a token bucket (``tc qdisc ... tbf rate R burst 32kb
-latency 100ms``), then runs rank 0 in one namespace and rank 1 in the other, training the
-same 4.1M-parameter MLP on scikit-learn's digits (``gradpress.train.worker --task
-digits-mlp4m``, same seed, same data order) until the test accuracy reaches ``--target``,
-once per method:
+Needs root (``ip netns``, ``tc``). Builds one network namespace per rank (``--ranks P``),
+each joined by a veth pair to a Linux bridge in one more namespace (10.77.0.1..P/24, MTU
+1500, private addresses inside namespaces this script creates), and shapes both directions
+of every rank's link with a token bucket (``tc qdisc ... tbf rate R burst 32kb latency
+100ms``): each rank has its own NIC of rate R, as a cluster behind one switch. Then it
+runs the ranks, one per namespace, training the same model (``--task``: the 4.1M-parameter
+MLP on scikit-learn's digits, or the 3.3M-parameter byte-level transformer on the standard
+library's sources; ``gradpress.train.worker``, same seed, same data order) until the test
+accuracy reaches ``--target``, once per method:
 
 * ``ddp``: plain DDP, fp32 all-reduce (the baseline every ratio divides by);
 * ``torch-fp16``: PyTorch's ``fp16_compress_hook``;
@@ -16,24 +18,29 @@ once per method:
   collective order. ``--powersgd-multibucket`` also runs it with 4 MB buckets and records
   what happens;
 * gradpress through ``compression_hook``: ECQ (2 and 4 bits, and a ternary codebook ``s=3``
-  in a per-payload Huffman code, ~1.3 bits per coordinate, all with ECQ error
-  compensation), QSGD (3 bits), scaled sign with error feedback, and sparse dithering when
-  it is registered. Variable-length codes (Huffman, QSGD's Elias code) gather lengths first
-  (``--unbounded``), so their savings reach the wire instead of padding to the bound.
+  in a per-payload Huffman code, all with ECQ error compensation), QSGD (3 bits), scaled
+  sign with error feedback, and sparse dithering when it is registered, each with the
+  all-gather collective and (3+ ranks) the two-phase one. Variable-length codes (Huffman,
+  QSGD's Elias code) exchange lengths first (``--unbounded``), so their savings reach the
+  wire instead of padding to the bound.
 
 Time to target is the training time (forward, backward with the hook's communication,
 optimizer step; evaluations excluded) until the first evaluation at or above the target;
-bytes are what rank 0 put into the collectives until then (payload = ``len(payload)``, wire
-adds frames and padding; for PyTorch's hooks the all-reduced tensor bytes). Ratios are to
+bytes are rank 0's until then: payload = ``len(payload)`` of its compressed gradient (C),
+sent / received = the frames it put into / took out of the collectives for / from other
+ranks (framing and padding included; for all-reduce, the ring's ``2 (P-1)/P`` of the
+tensor each way). The two-phase collective should receive about ``2 C (P-1)/P``. Ratios are to
 plain DDP measured in the same run. Namespaces are removed on exit, on error and on Ctrl-C.
 No delay is emulated: this machine's kernel has no ``netem`` (``--delay-ms`` tries it and
 says if it fails). ``--only ddp,ecq`` runs a subset (label substrings).
 
 On a 2-core machine the compressed runs are CPU-bound (encode, decode, feedback over the
-16 MB gradient on one thread per rank), not link-bound: ``s / step`` in the table shows it.
+16 MB gradient on one thread per rank), not link-bound, and with 4 or 8 ranks every run
+is: ``s / step`` in the table shows it.
 
-    sudo .venv/bin/python benchmarks/slow_network.py            # ~10 min
-    sudo .venv/bin/python benchmarks/slow_network.py --quick    # ~3 min
+    sudo .venv/bin/python benchmarks/slow_network.py                 # 2 ranks, ~10 min
+    sudo .venv/bin/python benchmarks/slow_network.py --ranks 4       # the headline
+    sudo .venv/bin/python benchmarks/slow_network.py --quick         # ~3 min
 """
 
 from __future__ import annotations
@@ -51,16 +58,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ADDR = ("10.77.0.1", "10.77.0.2")
 
 
 class Netns:
-    """Two namespaces joined by a shaped veth pair; ``close()`` removes everything."""
+    """``P`` rank namespaces, each joined by a veth pair to a Linux bridge in one more
+    namespace (a cluster behind one switch), every rank's link shaped in both directions
+    (``tbf`` on the rank's end: upload; on the bridge's end: download); ``close()``
+    removes everything."""
 
-    def __init__(self, rate: str, delay_ms: float = 0.0) -> None:
+    def __init__(self, rate: str, ranks: int = 2, delay_ms: float = 0.0) -> None:
         tag = f"{os.getpid() % 100000}"
-        self.ns = (f"gpddp0-{tag}", f"gpddp1-{tag}")
-        self.dev = (f"gpv0-{tag}", f"gpv1-{tag}")
+        self.ranks = ranks
+        self.bridge_ns = f"gpbr-{tag}"
+        self.ns = tuple(f"gpddp{i}-{tag}" for i in range(ranks))
+        self.dev = tuple(f"gpv{i}-{tag}" for i in range(ranks))  # the rank's end
+        self.port = tuple(f"gpb{i}-{tag}" for i in range(ranks))  # the bridge's end
+        self.addr = tuple(f"10.77.0.{i + 1}" for i in range(ranks))
         self.rate, self.delay_ms, self.notes = rate, delay_ms, []
         self._made: list[str] = []
 
@@ -69,21 +82,26 @@ class Netns:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
 
     def open(self) -> Netns:
-        for n in self.ns:
+        for n in (self.bridge_ns, *self.ns):
             self._ip("ip", "netns", "add", n)
             self._made.append(n)
-        self._ip("ip", "link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
-        for i in (0, 1):
-            ns, dev = self.ns[i], self.dev[i]
+        br = self.bridge_ns
+        self._ip("ip", "link", "add", "br0", "type", "bridge", ns=br)
+        self._ip("ip", "link", "set", "br0", "up", ns=br)
+        for i in range(self.ranks):
+            ns, dev, port = self.ns[i], self.dev[i], self.port[i]
+            self._ip("ip", "link", "add", dev, "type", "veth", "peer", "name", port)
             self._ip("ip", "link", "set", dev, "netns", ns)
+            self._ip("ip", "link", "set", port, "netns", br)
             self._ip("ip", "link", "set", "lo", "up", ns=ns)
-            self._ip("ip", "addr", "add", f"{ADDR[i]}/24", "dev", dev, ns=ns)
+            self._ip("ip", "addr", "add", f"{self.addr[i]}/24", "dev", dev, ns=ns)
             self._ip("ip", "link", "set", dev, "mtu", "1500", "up", ns=ns)
-            self.shape(i)
+            self._ip("ip", "link", "set", port, "mtu", "1500", "master", "br0", "up", ns=br)
+            self.shape(ns, dev)
+            self.shape(br, port)
         return self
 
-    def shape(self, i: int) -> None:
-        ns, dev = self.ns[i], self.dev[i]
+    def shape(self, ns: str, dev: str) -> None:
         tbf = ["tbf", "rate", self.rate, "burst", "32kb", "latency", "100ms"]
         if self.delay_ms:
             try:
@@ -105,24 +123,28 @@ class Netns:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
 
     def env(self, rank: int, port: int) -> dict[str, str]:
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2",
-                   LOCAL_WORLD_SIZE="1", MASTER_ADDR=ADDR[0], MASTER_PORT=str(port),
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(self.ranks),
+                   LOCAL_WORLD_SIZE="1", MASTER_ADDR=self.addr[0], MASTER_PORT=str(port),
                    GLOO_SOCKET_IFNAME=self.dev[rank], OMP_NUM_THREADS="1")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
 
 def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    ecq2 = ["--compressor", "ecq", "--bits", "2"]
+    ternary = ["--compressor", "ecq", "--compressor-args", "s=3;entropy=huffman", "--unbounded"]
     out = [("ddp", ["--compressor", "ddp"]),
            ("torch-fp16", ["--compressor", "torch-fp16"]),
            (f"torch-powersgd r={args.powersgd_rank} (1 bucket)",
             ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
-             "--bucket-cap-mb", "1000"]),
-           ("gradpress ecq 2 bits + ECQ", ["--compressor", "ecq", "--bits", "2"]),
-           ("gradpress ecq ternary Huffman + ECQ (lengths first)",
-            ["--compressor", "ecq", "--compressor-args", "s=3;entropy=huffman", "--unbounded"])]
+             "--bucket-cap-mb", "1000"])]
+    collectives = ["allgather", "two_phase"] if args.ranks > 2 else ["allgather"]
+    for coll in collectives:
+        out += [(f"gradpress ecq 2 bits + ECQ [{coll}]", [*ecq2, "--collective", coll]),
+                (f"gradpress ecq ternary Huffman + ECQ, lengths first [{coll}]",
+                 [*ternary, "--collective", coll])]
     if not args.quick:
-        out += _more(args)
+        out += _more(args, collectives)
     if args.only:
         out = [m for m in out if any(k in m[0] for k in args.only.split(","))]
     for spec in args.method:
@@ -131,7 +153,7 @@ def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _more(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def _more(args: argparse.Namespace, collectives: list[str]) -> list[tuple[str, list[str]]]:
     import gradpress
 
     out = []
@@ -139,27 +161,31 @@ def _more(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         out.append((f"torch-powersgd r={args.powersgd_rank} (4 MB buckets)",
                     ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
                      "--bucket-cap-mb", "4", "--pg-timeout", "60", "--max-time", "30"]))
-    out += [("gradpress ecq 4 bits + ECQ", ["--compressor", "ecq", "--bits", "4"]),
-            ("gradpress qsgd 3 bits (lengths first)",
-             ["--compressor", "qsgd", "--bits", "3", "--unbounded"]),
-            ("gradpress sign + EF", ["--compressor", "sign", "--feedback", "ef"])]
-    if "sparse_dithering" in gradpress.available():
-        out.append(("gradpress sparse_dithering",
-                    ["--compressor", "sparse_dithering", "--unbounded"]))
+    for coll in collectives:
+        c = ["--collective", coll]
+        out += [(f"gradpress ecq 4 bits + ECQ [{coll}]", ["--compressor", "ecq", "--bits", "4",
+                                                        *c]),
+                (f"gradpress qsgd 3 bits, lengths first [{coll}]",
+                 ["--compressor", "qsgd", "--bits", "3", "--unbounded", *c]),
+                (f"gradpress sign + EF [{coll}]", ["--compressor", "sign", "--feedback", "ef",
+                                                  *c])]
+        if "sparse_dithering" in gradpress.available():
+            out.append((f"gradpress sparse_dithering [{coll}]",
+                        ["--compressor", "sparse_dithering", "--unbounded", *c]))
     return out
 
 
 def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, port: int,
             outdir: Path) -> dict:
     js = outdir / f"run-{port}.json"
-    common = ["--task", "digits-mlp4m", "--target-acc", str(args.target), "--eval-every",
+    common = ["--task", args.task, "--target-acc", str(args.target), "--eval-every",
               str(args.eval_every), "--max-time", str(args.max_time), "--epochs", "100",
               "--lr", str(args.lr), "--seed", str(args.seed), "--no-plot",
               "--pg-timeout", "120", "--bucket-cap-mb", str(args.bucket_cap_mb),
               "--out", str(outdir / f"run-{port}"), "--json", str(js)]
     procs = []
     t0 = time.monotonic()
-    for rank in (0, 1):
+    for rank in range(net.ranks):
         cmd = ["ip", "netns", "exec", net.ns[rank], sys.executable, "-m",
                "gradpress.train.worker", *common, *extra]
         log = open(outdir / f"run-{port}-rank{rank}.log", "w")  # noqa: SIM115
@@ -188,12 +214,12 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
                  if "it/s" in ln or "s/it" in ln]
         return {"label": label, "failed": True, "returncodes": rcs, "wall_s": wall,
                 "error": f"hung: killed after {wall:.0f} s, progress {steps[-1] if steps else '?'}"}
-    if rcs != [0, 0] or not js.exists():
+    if any(rcs) or not js.exists():
         tail = (outdir / f"run-{port}-rank0.log").read_text()[-600:]
         err = [ln for ln in tail.splitlines() if "Error" in ln or "error" in ln]
         return {"label": label, "failed": True, "returncodes": rcs, "wall_s": wall,
                 "error": (err[-1] if err else tail.splitlines()[-1:] or ["?"])[-1][:300]}
-    run = json.loads(js.read_text())["runs"]["digits-mlp4m"]
+    run = json.loads(js.read_text())["runs"][args.task]
     hit = run["reached_target"]
     return {"label": label, "failed": False, "wall_s": wall, "hook": run["hook"],
             "steps": run["steps"], "step_s": run["train_time_s"] / max(1, run["steps"]),
@@ -202,28 +228,33 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
             "acc_at_target": hit["test_acc"] if hit else None,
             "payload_bytes": (hit or run)["payload_bytes"],
             "wire_bytes": (hit or run)["wire_bytes"],
+            "sent_bytes": (hit or run)["sent_bytes"],
+            "received_bytes": (hit or run)["received_bytes"],
+            "ranks": net.ranks,
             "final_acc": run["final_test_acc"], "train_time_s": run["train_time_s"]}
 
 
-def table(rows: list[dict], rate: str, target: float) -> str:
+def table(rows: list[dict], rate: str, target: float, ranks: int) -> str:
+    """One row per method; bytes are rank 0's until the target (or the end)."""
     base = next((r for r in rows if r["label"] == "ddp" and not r["failed"]), None)
-    head = (f"| method ({rate}, target {target:.2f}) | time to target s | speedup vs DDP | "
-            "s / step | MB sent (payload) | MB on wire | bytes vs DDP | acc at target |")
-    lines = [head, "|" + "---|" * 8]
+    head = (f"| method ({ranks} ranks, {rate} per rank, target {target:.2f}) | time to target s "
+            "| speedup vs DDP | s / step | MB payload | MB sent | MB received | "
+            "received / (2C(P-1)/P) | acc at target |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         if r["failed"]:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
             continue
         t = r["time_to_target_s"]
         sp = (f"{base['time_to_target_s'] / t:.2f}x" if base and base["reached"] and t
               else "-")
-        br = f"{r['payload_bytes'] / base['payload_bytes']:.4f}" if base and base["reached"] \
-            else "-"
         ts = f"{t:.1f}" if t else f"not reached in {r['train_time_s']:.0f}"
         acc = f"{r['acc_at_target']:.3f}" if r["reached"] else f"{r['final_acc']:.3f} (final)"
+        two_c = 2 * r["payload_bytes"] * (ranks - 1) / ranks
+        rel = f"{r['received_bytes'] / two_c:.2f}" if two_c and ranks > 1 else "-"
         lines.append(f"| {r['label']} | {ts} | {sp} | {r['step_s']:.3f} | "
-                     f"{r['payload_bytes'] / 1e6:.1f} | {r['wire_bytes'] / 1e6:.1f} | {br} | "
-                     f"{acc} |")
+                     f"{r['payload_bytes'] / 1e6:.1f} | {r['sent_bytes'] / 1e6:.1f} | "
+                     f"{r['received_bytes'] / 1e6:.1f} | {rel} | {acc} |")
     return "\n".join(lines)
 
 
@@ -264,7 +295,14 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate", default="100mbit", help="tc tbf rate (e.g. 100mbit, 1gbit)")
+    p.add_argument("--rate", default="100mbit",
+                   help="tc tbf rate of every rank's link, each way (e.g. 100mbit, 1gbit)")
+    p.add_argument("--ranks", type=int, default=2,
+                   help="DDP ranks, one network namespace each, behind one bridge (2..8; "
+                        "on 2 cores 4+ ranks are CPU-bound)")
+    p.add_argument("--task", default="digits-mlp4m", choices=("digits-mlp4m", "lm"),
+                   help="the 4.1M-parameter MLP on digits, or the 3.3M-parameter byte-level "
+                        "transformer on the standard library's sources")
     p.add_argument("--target", type=float, default=0.94, help="test accuracy to reach")
     p.add_argument("--eval-every", type=int, default=5, help="steps between evaluations")
     p.add_argument("--max-time", type=float, default=240.0,
@@ -292,7 +330,10 @@ def main() -> int:
               "network namespaces; not available here.", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    net = Netns(args.rate, args.delay_ms)
+    if not 2 <= args.ranks <= 8:
+        print("--ranks must be in 2..8", file=sys.stderr)
+        return 2
+    net = Netns(args.rate, args.ranks, args.delay_ms)
     atexit.register(net.close)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -313,10 +354,12 @@ def main() -> int:
                            f"{r['time_to_target_s']}, acc {r['final_acc']:.3f}"), flush=True)
     finally:
         net.close()
-    md = table(rows, args.rate, args.target) + "\n\n```\n" + text_chart(rows) + "\n```"
+    md = table(rows, args.rate, args.target, args.ranks) + "\n\n```\n" + text_chart(rows) + "\n```"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"\n{stamp}, {os.cpu_count()} CPUs, gloo over veth + tc tbf {args.rate}\n\n{md}")
-    res = {"date": stamp, "rate": args.rate, "target": args.target, "notes": net.notes,
+    print(f"\n{stamp}, {os.cpu_count()} CPUs, {args.ranks} gloo ranks over veth + bridge, "
+          f"tc tbf {args.rate} per link and direction\n\n{md}")
+    res = {"date": stamp, "rate": args.rate, "ranks": args.ranks, "task": args.task,
+           "target": args.target, "notes": net.notes,
            "config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
            "table_md": md}
     (args.out / "slow_network.json").write_text(json.dumps(res, indent=1))

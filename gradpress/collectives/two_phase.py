@@ -142,6 +142,7 @@ class TwoPhaseBucket:
         except Exception as e:  # noqa: BLE001 - still take part, so peers fail too, not hang
             parts, self.local_error = [STATUS_ERROR] * self.world, e
         self.payload_bytes = sum(len(p) for p in parts if isinstance(p, bytes))
+        self.owner_payload_bytes = 0
         self.payload_lengths = [len(p) if isinstance(p, bytes) else 0 for p in parts]
         self.exchange = AllToAll(parts, group, capacity=self.capacity)
         self.traffic = Traffic()
@@ -178,8 +179,7 @@ class TwoPhaseBucket:
             mine = self._reduce_own_shard(entries, e - s)
         fut, wire = allgather_bytes_async(mine, self.group, capacity=self.capacity)
         self.traffic.add(Traffic(sent=wire(), received=(self.world - 1) * wire()))
-        if isinstance(mine, bytes):
-            self.payload_bytes += len(mine)
+        self.owner_payload_bytes = len(mine) if isinstance(mine, bytes) else 0
         return fut.then(self._finish)
 
     def _reduce_own_shard(self, entries: list[Entry], n: int) -> bytes | int:

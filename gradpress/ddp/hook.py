@@ -115,6 +115,7 @@ def _gather_shards(state: CompressionState, bucket: TwoPhaseBucket,
         result.set_exception(e)
         raise
     step.payload_bytes += bucket.payload_bytes
+    step.owner_payload_bytes += bucket.owner_payload_bytes
     step.payload_lengths[int(key)] = bucket.payload_bytes
     step.wire_bytes += bucket.traffic.sent
     step.sent_bytes += bucket.traffic.sent

@@ -45,6 +45,8 @@ class StepBytes:
 
     step: int
     payload_bytes: int = 0  #: ``len(payload.to_bytes())`` of this rank's payloads
+    #: two_phase: ``len`` of the payloads this rank re-encoded as a shard owner
+    owner_payload_bytes: int = 0
     wire_bytes: int = 0  #: what this rank put into the collectives (frames, padding)
     #: bytes of frames this rank put into the step's collectives for other ranks (an
     #: all-gather frame counts once, an all-to-all frame once per destination; a ring
