@@ -191,8 +191,8 @@ def test_netmodel_cli_writes_plots_json_and_validation(tmp_path):
     assert res["skipped"] == ["nope"]
     assert res["compressors"][0]["payload_bytes"] == len(
         gradpress.get("fp16").encode(torch.zeros(4096)).to_bytes())
-    # 3 models x 2 links x (ring, tree, fp16 all-gather, fp16 PS) x 4 worker counts
-    assert len(res["predictions"]) == 3 * 2 * 4 * 4
+    # 3 models x 2 links x (ring, fp16 ring, tree, fp16 all-gather, two-phase, PS) x 4 counts
+    assert len(res["predictions"]) == 3 * 2 * 6 * 4
     assert res["validation"][0]["measured_s"] == 0.4
 
 
@@ -248,3 +248,47 @@ def test_records_from_slow_network_match_rows_to_the_reference_by_label():
     assert [r["collective"] for r in rows_out] == ["allreduce", "allgather"]
     assert nm.records_from_slow_network(slow) == []
     assert len(nm.records_from_slow_network(slow, compute_s=0.01)) == 2
+
+
+# --- hand-computed costs (numbers worked out on paper, P > 1) -----------------------------
+# 8 Mbit/s link, efficiency 1: beta = 1 us per byte; latency a = 1 ms; n = 1000 bytes.
+HAND = nm.Network(8e6, latency_s=1e-3)
+
+
+def test_ring_allreduce_cost_by_hand():
+    # 2(p-1) a + 2(p-1)/p n beta, p = 4: 6 ms + 1.5 * 1 ms = 7.5 ms
+    assert nm.ring_allreduce_s(1000, 4, HAND) == pytest.approx(7.5e-3)
+
+
+def test_tree_allreduce_cost_by_hand():
+    # 2 ceil(log2 p) (a + n beta), p = 5: 2 * 3 * (1 + 1) ms = 12 ms
+    assert nm.tree_allreduce_s(1000, 5, HAND) == pytest.approx(12e-3)
+
+
+def test_allgather_cost_by_hand():
+    # (p-1)(a + n beta), p = 4, 2 messages: 3 * (2 + 1) ms = 9 ms
+    assert nm.allgather_s(1000, 4, HAND, messages=2) == pytest.approx(9e-3)
+
+
+def test_two_phase_cost_by_hand():
+    # all-to-all + all-gather of n/p shards: 2(p-1) a + 2(p-1)/p n beta, p = 8:
+    # 14 ms + 1.75 ms = 15.75 ms (the all-gather alone would be 7 * 2 ms = 14 ms more)
+    assert nm.two_phase_s(1000, 8, HAND) == pytest.approx(15.75e-3)
+
+
+def test_parameter_server_cost_by_hand():
+    # 2a + p (n_up + n_down) beta / S, p = 4, 500 up, 1000 down, S = 2: 2 + 3 ms = 5 ms
+    assert nm.parameter_server_s(500, 1000, 4, HAND, servers=2) == pytest.approx(5e-3)
+
+
+def test_decode_work_is_charged_per_payload():
+    # all-gather decodes p payloads, two-phase 2(p-1)/p of one: with 1 s per decode of d,
+    # p = 4, no network time to speak of
+    prof = nm.CompressorProfile("x", {}, chunk=1000, payload_bytes=100, encode_s=0.0,
+                                decode_s=1.0)
+    model = nm.ModelSpec("m", 1000, 0.0, 1)
+    fast = nm.Network(1e15, latency_s=0.0)
+    gather = nm.step_time(model, [4], fast, "allgather", 0.0, prof)
+    two = nm.step_time(model, [4], fast, "two_phase", 0.0, prof)
+    assert float(gather.decode[0]) == pytest.approx(4.0)
+    assert float(two.decode[0]) == pytest.approx(1.5)

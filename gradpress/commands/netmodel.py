@@ -3,11 +3,12 @@
 Calibrates on this machine (compute FLOP rate of an MLP step; each compressor's encode and
 decode time and its real payload size on a seeded Gaussian chunk), then predicts step time,
 throughput and speedup for ResNet-20, ResNet-50 and a 1B-parameter model on 1..1024 workers
-over 1, 10 and 100 Gbit/s links, for fp32 ring/tree all-reduce and each compressor over
-all-gather and a parameter server. Writes speedup.png, throughput.png, breakdown.png,
-summary.md and netmodel.json under --out. With --measured (records, or
-benchmarks/slow_network.py's JSON, with --reference for a fast-link run of the same
-methods), also compares predicted to measured step times: validation.json/.md.
+over 1, 10, 40 and 100 Gbit/s links, for fp32 ring/tree and fp16 ring all-reduce and each
+compressor over all-gather, the two-phase compressed all-reduce and a parameter server.
+Writes speedup.png, throughput.png, breakdown.png, summary.md and netmodel.json under --out.
+With --measured (records, or benchmarks/slow_network.py's JSON, with --reference for a
+fast-link run of the same methods), also compares predicted to measured step times:
+validation.json/.md.
 
 The predictions use the CPU or GPU they are calibrated on: on a busy or slow CPU the codecs
 look slow next to a fast link, which is a finding about that machine, not the method.
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compressors", default=DEFAULT_COMPRESSORS,
                    help="comma-separated names, each optionally name:key=value;key=value "
                         "(unregistered names are skipped with a note; default: %(default)s)")
-    p.add_argument("--bandwidths", default="1,10,100", help="link speeds in Gbit/s")
+    p.add_argument("--bandwidths", default="1,10,40,100", help="link speeds in Gbit/s")
     p.add_argument("--max-workers", type=int, default=1024, help="largest worker count (2^k)")
     p.add_argument("--latency-us", type=float, default=5.0, help="per-message latency (us)")
     p.add_argument("--servers", type=int, default=1, help="parameter-server shards")
@@ -154,10 +155,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCHEME_NAMES = {"allgather": "all-gather", "two_phase": "two-phase", "ps": "PS"}
+
+
 def _label(row: dict[str, Any]) -> str:
     if row["scheme"] in ("ring", "tree"):
         return f"fp32 {row['scheme']} all-reduce"
-    return f"{row['compressor']} {'all-gather' if row['scheme'] == 'allgather' else 'PS'}"
+    if row["scheme"] == "ring-fp16":
+        return "fp16 ring all-reduce"
+    return f"{row['compressor']} {_SCHEME_NAMES[row['scheme']]}"
 
 
 def _plot_grid(rows: list[dict[str, Any]], key: str, path: Path, workers: list[int],
@@ -220,22 +226,45 @@ def _plot_breakdown(rows: list[dict[str, Any]], path: Path, p: int, bw: float) -
 
 
 def _summary(rows: list[dict[str, Any]], p: int) -> str:
-    """Per model and link: fp32 ring speedup at ``p``, the best compressed scheme there, and
-    the largest worker count at which some compressed scheme still beats fp32 ring."""
-    lines = [f"| model | link | fp32 ring speedup @{p} | best compressed @{p} | its speedup |"
-             " compressed beats fp32 ring up to |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    """Per model and link: fp32 and fp16 ring speedups at ``p``, the best compressed scheme
+    there, and the worker counts at which the best two-phase compressor beats fp32 and fp16
+    ring all-reduce (and the largest at which an all-gather still beats fp32 ring)."""
+    lines = [f"| model | link | fp32 ring @{p} | fp16 ring @{p} | best compressed @{p} | "
+             "its speedup | two-phase beats fp32 ring at P | beats fp16 ring at P | "
+             "all-gather beats fp32 ring up to |",
+             "| --- | ---: | ---: | ---: | --- | ---: | --- | --- | ---: |"]
     for model, bw in dict.fromkeys((r["model"], r["bandwidth_bps"]) for r in rows):
         sel = [r for r in rows if r["model"] == model and r["bandwidth_bps"] == bw]
         ring = {r["workers"]: r["step_s"] for r in sel if r["scheme"] == "ring"}
-        comp = [r for r in sel if r["scheme"] in ("allgather", "ps")]
+        fp16 = {r["workers"]: r["step_s"] for r in sel if r["scheme"] == "ring-fp16"}
+        comp = [r for r in sel if r["scheme"] in ("allgather", "two_phase", "ps")]
+        head = f"| {model} | {bw / 1e9:g} Gbit/s | {p * ring[1] / ring[p]:.1f} | " + (
+            f"{p * fp16[1] / fp16[p]:.1f} | " if fp16 else "- | ")
         if not comp:
-            lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | "
-                         f"{p * ring[1] / ring[p]:.1f} | - | - | - |")
+            lines.append(head + "- | - | - | - | - |")
             continue
         best = max((r for r in comp if r["workers"] == p), key=lambda r: r["speedup"])
-        wins = [r["workers"] for r in comp if r["workers"] > 1
-                and r["step_s"] < ring[r["workers"]]]
-        lines.append(f"| {model} | {bw / 1e9:g} Gbit/s | {p * ring[1] / ring[p]:.1f} | "
-                     f"{_label(best)} | {best['speedup']:.1f} | "
-                     f"{max(wins) if wins else 'never'} |")
+        two = [r for r in comp if r["scheme"] == "two_phase" and r["workers"] > 1]
+        tp = max(two, key=lambda r: r["speedup"] if r["workers"] == p else -1, default=None)
+        mine = [r for r in two if tp and r["compressor"] == tp["compressor"]]
+        gather = [r["workers"] for r in comp if r["scheme"] == "allgather" and r["workers"] > 1
+                  and r["step_s"] < ring[r["workers"]]]
+        beat32 = _ranges([r["workers"] for r in mine if r["step_s"] < ring[r["workers"]]])
+        beat16 = _ranges([r["workers"] for r in mine if fp16 and r["step_s"] < fp16[r["workers"]]])
+        who = f" ({tp['compressor']})" if tp else ""
+        lines.append(head + f"{_label(best)} | {best['speedup']:.1f} | {beat32}{who} | "
+                     f"{beat16} | {max(gather) if gather else 'never'} |")
     return "\n".join(lines)
+
+
+def _ranges(ps: list[int]) -> str:
+    """Worker counts (powers of two) as ``2-1024`` runs, or ``never``."""
+    if not ps:
+        return "never"
+    ps = sorted(ps)
+    runs, start = [], ps[0]
+    for a, b in zip(ps, ps[1:] + [None]):
+        if b != 2 * a:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(runs)

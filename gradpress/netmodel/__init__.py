@@ -14,6 +14,9 @@ and ``beta = 8 / (B * efficiency)`` seconds per byte:
 * all-gather of compressed payloads (non-linear codes cannot be summed on the wire, so every
   worker receives every other worker's payload, ring algorithm): ``(p-1)(a + n beta)``, then
   ``p`` decodes;
+* two-phase compressed all-reduce (all-to-all of compressed shards, owner re-encode,
+  all-gather of the owners' shards; :mod:`gradpress.collectives.two_phase`):
+  ``2 (p-1) a + 2 (p-1)/p n beta``, then ``2 (p-1)`` decodes of ``d/p`` elements;
 * parameter server with ``S`` shards: workers push ``n_up`` (compressed) bytes, the servers
   decode ``p`` payloads, and push back ``n_down`` bytes (fp32 model update by default); the
   servers' links are the bottleneck: ``2 a + p (n_up + n_down) beta / S``.
@@ -51,6 +54,7 @@ from gradpress.netmodel.collectives import (
     parse_rate,
     ring_allreduce_s,
     tree_allreduce_s,
+    two_phase_s,
 )
 from gradpress.netmodel.predict import (
     DDP_BUCKET_BYTES,
@@ -68,5 +72,5 @@ __all__ = [
     "ComputeProfile", "ModelSpec", "Network", "StepBreakdown", "allgather_s", "calibrate",
     "calibrate_compute", "parameter_server_s", "parse_rate", "predict", "profile_dict",
     "records_from_slow_network", "ring_allreduce_s", "step_time", "tree_allreduce_s",
-    "validate", "validation_markdown",
+    "two_phase_s", "validate", "validation_markdown",
 ]

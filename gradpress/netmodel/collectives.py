@@ -1,5 +1,6 @@
 """Latency-bandwidth (alpha-beta) costs of the collectives that carry gradients: ring and tree
-all-reduce, all-gather of compressed payloads, parameter server (formulas in
+all-reduce, all-gather of compressed payloads, the two-phase compressed all-reduce,
+parameter server (formulas in
 :mod:`gradpress.netmodel`).
 """
 
@@ -66,6 +67,14 @@ def allgather_s(nbytes: float, p: Any, net: Network, messages: int = 1) -> Any:
     return (p - 1) * (net.latency_s * messages + net.transfer_s(nbytes))
 
 
+def two_phase_s(nbytes: float, p: Any, net: Network, messages: int = 1) -> Any:
+    """Two-phase compressed all-reduce of one ``nbytes`` payload per worker: an all-to-all
+    of ``p`` shards of ``n/p`` (each link carries ``(p-1)/p n`` each way, full duplex),
+    then a ring all-gather of the owners' ``n/p``: ``2(p-1) a + 2(p-1)/p n beta``."""
+    p = _workers(p)
+    return 2 * (p - 1) * net.latency_s * messages + 2 * (p - 1) / p * net.transfer_s(nbytes)
+
+
 def parameter_server_s(up_bytes: float, down_bytes: float, p: Any, net: Network,
                        servers: int = 1, messages: int = 1) -> Any:
     """Push ``up_bytes`` from each worker to ``servers`` shards, pull ``down_bytes`` back."""
@@ -81,7 +90,10 @@ def _comm_s(collective: str, nbytes: float, p: int, net: Network, msgs: int) -> 
         return float(ring_allreduce_s(nbytes, p, net, msgs))
     if collective == "allgather":
         return float(allgather_s(nbytes, p, net, msgs))
-    raise ValueError(f"collective must be 'allreduce' or 'allgather', got {collective!r}")
+    if collective == "two_phase":
+        return float(two_phase_s(nbytes, p, net, msgs))
+    raise ValueError(f"collective must be 'allreduce', 'allgather' or 'two_phase', got "
+                     f"{collective!r}")
 
 
 def parse_rate(rate: str | float) -> float:

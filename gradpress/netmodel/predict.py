@@ -17,6 +17,7 @@ from gradpress.netmodel.collectives import (
     parameter_server_s,
     ring_allreduce_s,
     tree_allreduce_s,
+    two_phase_s,
 )
 
 DDP_BUCKET_BYTES = 25 * 2**20
@@ -46,7 +47,9 @@ MODELS: dict[str, ModelSpec] = {
     "1b": ModelSpec("1B transformer", 1_000_000_000, 6 * 1e9 * 512, 8),
 }
 
-SCHEMES = ("ring", "tree", "allgather", "ps")
+#: ring/tree: fp32 all-reduce; ring-fp16: all-reduce in fp16 (PyTorch's fp16 hook);
+#: allgather / two_phase / ps: a compressor's payloads.
+SCHEMES = ("ring", "ring-fp16", "tree", "allgather", "two_phase", "ps")
 
 
 @dataclass
@@ -70,9 +73,11 @@ def step_time(model: ModelSpec, p: Any, net: Network, scheme: str, compute_s: fl
               bucket_bytes: int = DDP_BUCKET_BYTES) -> StepBreakdown:
     """Predicted iteration time of ``model`` on ``p`` workers with ``scheme``.
 
-    ``ring``/``tree`` all-reduce fp32 gradients (no profile needed); ``allgather``/``ps``
-    send ``profile``'s payloads (``ps`` pulls the fp32 update back). ``p == 1`` costs
-    ``compute_s`` alone.
+    ``ring``/``tree`` all-reduce fp32 gradients and ``ring-fp16`` fp16 ones (no profile
+    needed); ``allgather``/``two_phase``/``ps`` send ``profile``'s payloads (``ps`` pulls
+    the fp32 update back). ``p == 1`` costs ``compute_s`` alone. Codec work per worker:
+    all-gather encodes ``d`` and decodes ``p`` payloads of ``d``; two-phase encodes ``d``
+    (its shards) and ``d/p`` (its owner shard) and decodes ``2(p-1)`` shards of ``d/p``.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -82,20 +87,25 @@ def step_time(model: ModelSpec, p: Any, net: Network, scheme: str, compute_s: fl
     msgs = max(1, math.ceil(model.grad_bytes / bucket_bytes))
     zeros = np.zeros_like(p)
     compute = np.full_like(p, compute_s)
-    if scheme in ("ring", "tree"):
-        fn = ring_allreduce_s if scheme == "ring" else tree_allreduce_s
-        comm = fn(model.grad_bytes, p, net, msgs)
-        return StepBreakdown(compute, zeros, comm, zeros, float(model.grad_bytes))
+    if scheme in ("ring", "ring-fp16", "tree"):
+        nbytes = model.grad_bytes // (2 if scheme == "ring-fp16" else 1)
+        fn = tree_allreduce_s if scheme == "tree" else ring_allreduce_s
+        comm = fn(nbytes, p, net, msgs)
+        return StepBreakdown(compute, zeros, comm, zeros, float(nbytes))
     if profile is None:
         raise ValueError(f"scheme {scheme!r} needs a CompressorProfile from calibrate()")
     nbytes = profile.bytes_for(d)
     encode = multi * profile.encode_time(d)
     if scheme == "allgather":
         comm = allgather_s(nbytes, p, net, msgs)
+        decode = multi * p * profile.decode_time(d)  # every worker decodes p payloads
+    elif scheme == "two_phase":
+        comm = two_phase_s(nbytes, p, net, msgs)
+        encode = encode + multi * profile.encode_time(d) / p  # the owner's shard
+        decode = multi * 2 * (p - 1) / p * profile.decode_time(d)
     else:
         comm = parameter_server_s(nbytes, model.grad_bytes, p, net, servers, msgs)
-    # all-gather: every worker decodes p payloads; PS: each shard decodes p payload shards.
-    decode = multi * p * profile.decode_time(d) / (servers if scheme == "ps" else 1)
+        decode = multi * p * profile.decode_time(d) / servers  # each shard decodes p shards
     return StepBreakdown(compute, encode, comm, decode, nbytes)
 
 
@@ -109,17 +119,20 @@ def predict(models: dict[str, ModelSpec], profiles: list[CompressorProfile],
         compute_s = compute.step_time(model.train_flops_per_sample * model.batch)
         for bw in bandwidths_bps:
             net = Network(bw, latency_s)
-            combos: list[tuple[str, CompressorProfile | None]] = [("ring", None),
-                                                                  ("tree", None)]
-            combos += [(s, prof) for prof in profiles for s in ("allgather", "ps")]
+            combos: list[tuple[str, CompressorProfile | None]] = [
+                ("ring", None), ("ring-fp16", None), ("tree", None)]
+            combos += [(s, prof) for prof in profiles for s in ("allgather", "two_phase", "ps")]
             for scheme, prof in combos:
                 br = step_time(model, p, net, scheme, compute_s, prof, servers=servers)
                 total = br.total
                 for i, w in enumerate(workers):
                     rows.append({
                         "model": key, "params": model.params, "bandwidth_bps": bw,
-                        "scheme": scheme, "compressor": prof.display_name if prof else "fp32",
-                        "bits_per_element": prof.bits_per_element if prof else 32.0,
+                        "scheme": scheme,
+                        "compressor": prof.display_name if prof else (
+                            "fp16" if scheme == "ring-fp16" else "fp32"),
+                        "bits_per_element": prof.bits_per_element if prof else (
+                            16.0 if scheme == "ring-fp16" else 32.0),
                         "workers": int(w), "compute_s": float(br.compute[i]),
                         "encode_s": float(br.encode[i]), "comm_s": float(br.comm[i]),
                         "decode_s": float(br.decode[i]), "step_s": float(total[i]),

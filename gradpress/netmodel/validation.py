@@ -30,8 +30,9 @@ def validate(measured: list[dict[str, Any]], *, latency_s: float = 1e-4,
       copies) under the same load, so only the network part is predicted.
 
     Optional: ``latency_s`` (per message), ``messages`` (collectives per step) and
-    ``collective`` (``allreduce`` or ``allgather``; default all-reduce for fp32/plain DDP
-    and PyTorch's own hooks, all-gather otherwise). Returns one row per record with
+    ``collective`` (``allreduce``, ``allgather`` or ``two_phase``; default all-reduce for
+    fp32/plain DDP and PyTorch's own hooks, two-phase for labels holding ``[two_phase]``,
+    all-gather otherwise). Returns one row per record with
     ``predicted_s``, ``measured_s``, ``rel_error`` and ``within`` (|error| <= tolerance).
     """
     rows = []
@@ -73,6 +74,8 @@ def validate(measured: list[dict[str, Any]], *, latency_s: float = 1e-4,
 
 def _default_collective(name: str) -> str:
     low = name.lower()
+    if "[two_phase]" in low:
+        return "two_phase"
     if low in ("fp32", "none", "ddp", "allreduce", "plain") or low.startswith("torch-"):
         return "allreduce"
     return "allgather"
@@ -80,17 +83,20 @@ def _default_collective(name: str) -> str:
 
 def records_from_slow_network(result: dict[str, Any], *,
                               reference: dict[str, Any] | None = None,
-                              compute_s: float | None = None, nproc: int = 2
+                              compute_s: float | None = None, nproc: int | None = None
                               ) -> list[dict[str, Any]]:
     """Validation records from ``benchmarks/slow_network.py``'s JSON (``rate``, ``rows``).
 
     Per method: ``step_time_s`` = its ``step_s``, ``bytes_per_step`` = ``wire_bytes /
-    steps`` (training stops at the target, so both count the same steps). The local part
+    steps`` (training stops at the target, so both count the same steps; for two-phase,
+    ``wire_bytes`` is what the rank sent, about one payload C a step); ``nproc`` is the
+    result's ``ranks`` (2 for runs of the 2-rank benchmark). The local part
     comes from ``reference`` (the same benchmark run at a fast rate, matched by label) or,
     failing that, from ``compute_s``. Failed methods and ones absent from ``reference`` are
     left out when no ``compute_s`` is given.
     """
     bw = parse_rate(result["rate"])
+    nproc = int(result.get("ranks", 2)) if nproc is None else nproc
     ref_rows = {r["label"]: r for r in (reference or {}).get("rows", []) if not r.get("failed")}
     out = []
     for row in result["rows"]:
