@@ -69,15 +69,14 @@ def _run_step(name: str, argv: list[str], out: Path) -> dict:
 
 
 def _section(step: dict, title: str):
-    from gradpress.report import Section
+    from gradpress.report import Figure, Section
 
     out = Path(step["out"])
-    tables = [p.read_text() for p in sorted(out.glob("*.md"))]
-    images = sorted(out.glob("*.png"))
-    text = f"Command: {step['command']} ({step['seconds']} s, exit {step['returncode']})."
     log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
-    tail = "\n".join([ln for ln in log.splitlines() if "\r" not in ln][-25:])
-    return Section(title=title, text=text, tables=tables, images=images, preformatted=tail)
+    return Section(title=title, failed=bool(step["returncode"]),
+                   run=f"`{step['command']}`: {step['seconds']} s, exit {step['returncode']}",
+                   figures=[Figure(p) for p in sorted(out.glob("*.png"))],
+                   markdown=[p.read_text() for p in sorted(out.glob("*.md"))], log=log)
 
 
 def run(args: argparse.Namespace) -> int:
