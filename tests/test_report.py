@@ -1,9 +1,15 @@
 """The demo's HTML report: Markdown rendered to real HTML, metadata as a table, logs folded and
 free of tables, the papers' numbers beside ours computed from the step outputs."""
 
+import argparse
 import base64
+import json
 import re
 
+import pytest
+
+from gradpress.commands import _demo_sections as sections
+from gradpress.commands import demo
 from gradpress.report import (
     Claim,
     Figure,
@@ -119,3 +125,106 @@ def test_report_of_representative_sections_has_real_tables_and_no_markdown():
     assert "<strong>Closest to the worst-case bound</strong>" in page
     assert "<details><summary>console log" in page and len(_pre_blocks(page)) == 1
     assert page.index("Paper versus this run") < page.index("1. Bounds")
+
+
+# -- the demo's sections, from step outputs ---------------------------------------------------
+def _step(tmp_path, name, files):
+    out = tmp_path / name
+    for rel, content in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(content if isinstance(content, str) else json.dumps(content))
+    return {"name": name, "command": f"gradpress {name}", "returncode": 0, "seconds": 1.0,
+            "out": str(out)}
+
+
+def _ecq_linear(ratio):
+    row = {"label": "ECQ-SGD s=4", "bytes_per_step": 61.8, "compression_ratio": ratio,
+           "final_loss": 0.49, "rel_loss_gap": 0.004, "final_dist": 0.13, "diverged": False}
+    fp = {"label": "32Bit-FP", "bytes_per_step": 1040.0, "compression_ratio": 1.0,
+          "final_loss": 0.488, "rel_loss_gap": 0.0, "final_dist": 0.1, "diverged": False}
+    return {"settings": {"workers": 8, "iters": 800, "batch_size": 32, "lr": 0.02,
+                         "alpha": 0.2, "beta": 0.95, "match_tol": 0.01},
+            "datasets": [{"name": "syn-256", "d": 256, "f_star": 0.48, "summary": [fp, row],
+                          "match": row}]}
+
+
+def _train(payload, acc):
+    rec = [{"epoch": 1.0, "test_acc": acc, "payload_bytes": payload}]
+    return {"runs": {"digits": {"method": "ecq", "params": 38282, "world_size": 2,
+                                "final_test_acc": acc, "payload_bytes": payload,
+                                "records": rec}}}
+
+
+def _netmodel(ecq_step):
+    def row(scheme, comp, step):
+        return {"model": "resnet50", "workers": 512, "bandwidth_bps": 10e9, "scheme": scheme,
+                "compressor": comp, "step_s": step}
+
+    return {"compute": {"flops_per_s": 1e11}, "machine": {"device": "cpu"},
+            "compressors": [{"label": "ecq", "bits_per_element": 2.06, "encode_s": 0.002,
+                             "decode_s": 0.001, "chunk": 1 << 20}],
+            "predictions": [row("ring", "fp32", 10.0), row("allgather", "ecq", ecq_step)]}
+
+
+def _federated(sd_bytes):
+    def run(comp, per_round):
+        rounds = [{"round": 0, "test_accuracy": 0.1, "cumulative_uplink_bytes": 0}]
+        rounds += [{"round": i, "test_accuracy": 0.5 + 0.2 * i,
+                    "cumulative_uplink_bytes": i * per_round} for i in (1, 2)]
+        return {"compressor": comp, "final_accuracy": 0.9, "rounds": rounds}
+
+    return {"args": {"alpha": "0.5", "clients": "10", "rounds": "2"}, "engine": "local",
+            "runs": [run("fp32", 1000), run("sparse_dithering", sd_bytes)]}
+
+
+def _demo_steps(tmp_path, k):
+    """Outputs of four demo steps whose numbers all scale with ``k``."""
+    md = "| compressor | bytes |\n| --- | ---: |\n| fp32 | 1 |\n"
+    return [
+        _step(tmp_path / str(k), "ecq_linear", {"ecq_linear.json": _ecq_linear(40.0 * k)}),
+        _step(tmp_path / str(k), "train_digits", {"train.json": _train(1000, 0.97),
+                                                  "ddp/train.json": _train(1000 * k, 0.96)}),
+        _step(tmp_path / str(k), "netmodel", {"netmodel.json": _netmodel(10.0 / k),
+                                              "summary.md": md}),
+        _step(tmp_path / str(k), "federated", {"federated.json": _federated(1000 / k),
+                                               "federated.md": md}),
+    ]
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_ours_is_computed_from_the_step_outputs(tmp_path, k):
+    built = [sections.build(step, step["name"]) for step in _demo_steps(tmp_path, k)]
+    ours = [c.ours for s in built for c in s.claims]
+    assert len(ours) == 4, [s.text for s in built]
+    assert ours[0].startswith(f"{40.0 * k:.1f}x")  # ECQ-SGD ratio at fp32 loss
+    assert ours[1].startswith(f"{k:.1f}x fewer bytes") and "+1.0 points" in ours[1]
+    assert ours[2].startswith(f"{k - 1:+.1%}")  # speed-up over fp32 ring
+    assert ours[3].startswith(f"{k:.1f}x")  # fp32 / SD bytes to the same accuracy
+    assert all("paper" not in c.ours for s in built for c in s.claims)
+    _assert_no_markdown(render("t", built, {"date": "today"}))
+
+
+def test_a_step_with_missing_outputs_says_so_instead_of_failing(tmp_path):
+    step = _step(tmp_path, "netmodel", {"log.txt": "Traceback: boom\n"})
+    step["returncode"] = 1
+    s = sections.build(step, "Performance model")
+    page = render("t", [s], {})
+    assert s.failed and "<strong>Outputs incomplete</strong>" in page and "boom" in page
+
+
+def test_tiny_real_demo_run_writes_a_report_without_markdown(tmp_path, monkeypatch):
+    """A real ``gradpress demo --only bounds``, with the bounds step made tiny."""
+    argv = ["bounds", "--dims", "100", "--samples", "1", "--no-sweep", "--no-real",
+            "--compressors", "fp16,qsgd,sparse_dithering,spherical"]
+    monkeypatch.setattr(demo, "STEPS", [("bounds", "Lower bounds", argv)])
+    rc = demo.run(argparse.Namespace(out=str(tmp_path), only="bounds"))
+    page = (tmp_path / "report.html").read_text()
+    assert rc == 0, page[-2000:]
+    _assert_no_markdown(page)
+    assert '<table class="meta">' in page and "<td>torch</td>" in page
+    assert page.count("<table") >= 5 and "data:image/png;base64," in page
+    assert "Sparse Dithering bits per coordinate" in page
+    assert "Spherical Compression bits per block" in page
+    bounds = json.loads((tmp_path / "bounds" / "bounds.json").read_text())
+    sd = next(r for r in bounds["rows"] if r["compressor"] == "sparse_dithering")
+    assert f"{sd['bits_per_coord']:.2f} bits/coord at distortion" in page
