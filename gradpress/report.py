@@ -65,6 +65,8 @@ class Table:
 
 @dataclass
 class Figure:
+    """A PNG and its caption (inline Markdown)."""
+
     path: Path
     caption: str = ""
 
@@ -194,6 +196,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 #: A row of a table printed as aligned text: a label, then two or more numbers.
 _TEXT_ROW = re.compile(r"\s*\S+(\s+[-+]?[\d.,]+(e[-+]?\d+)?[%x]?){2,}\s*")
+#: A rule drawn with one repeated character (torchrun's banner of asterisks, ``=====``).
+_RULE = re.compile(r"\s*([*=#_~-])\1{3,}\s*")
 _NOTE = "[table or text: shown in the report above]"
 
 
@@ -203,17 +207,23 @@ def _is_text_header(line: str) -> bool:
 
 
 def log_text(log: str, shown: frozenset[str] = frozenset(), tail: int = 40) -> str:
-    """The last ``tail`` lines of a command's log, without progress bars, colour codes or
-    repeated blank lines. Tables (pipe rows; aligned text rows with their header) and lines
+    """The last ``tail`` lines of a command's log, without progress bars, colour codes, rules
+    or repeated blank lines. Tables (pipe rows; aligned text rows with their header) and lines
     in ``shown`` (what the report renders from the command's files) become one note each."""
     lines: list[str] = []
     for ln in _ANSI.sub("", log).replace("\r", "\n").splitlines():
-        if _PROGRESS.search(ln) or not ln.strip() and (not lines or not lines[-1].strip()):
+        if _PROGRESS.search(ln) or _RULE.fullmatch(ln):
+            continue
+        if not ln.strip():
+            if lines and lines[-1].strip() and lines[-1] != _NOTE:
+                lines.append("")
             continue
         row = bool(_TEXT_ROW.fullmatch(ln))
         if ln.strip().startswith("|") or ln.strip() in shown or row:
             if row and lines and lines[-1] != _NOTE and _is_text_header(lines[-1]):
                 lines.pop()
+            if lines and lines[-1] != _NOTE and not lines[-1]:
+                lines.pop()  # a note follows text without a blank line between
             if not lines or lines[-1] != _NOTE:
                 lines.append(_NOTE)
             continue

@@ -42,6 +42,7 @@ LOG = ("calibrating ...\n"
        + BOUNDS_MD +
        "  epoch  test acc  payload MB\n   1.00    0.4944      0.2175\n   2.00    0.79  0.21\n"
        "task      acc ecq   acc ddp\ndigits     0.9694    0.9694\n"
+       "*****************************************\n"
        "\x1b[36m(ClientAppActor pid=1)\x1b[0m done\nwrote bounds.png\n")
 
 
@@ -97,7 +98,7 @@ def test_log_drops_progress_bars_tables_colour_codes_and_shown_lines():
     assert "(ClientAppActor pid=1) done" in text and "\x1b" not in text
     assert "%|" not in text and "|" not in text
     assert "0.4944" not in text and "payload MB" not in text and "acc ddp" not in text
-    assert "Closest" not in text
+    assert "Closest" not in text and "***" not in text
 
 
 def test_report_embeds_png_bytes(tmp_path):
