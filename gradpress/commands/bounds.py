@@ -19,8 +19,9 @@ coordinate (top row log, full range; bottom row linear, zoom on distortion 0.01.
 Solid curve: the worst-case lower bound -log2 P(alpha, d) / d (spherical-cap covering; no
 compressor without shared randomness can sit below it on every x). Dashed curve: the
 average-case lower bound for x uniform on the sphere (shared-randomness schemes such as
-Spherical Compression are measured against it). Points: compressors (colour = family, shape =
-setting), filled on Gaussian vectors, hollow on real gradients.
+Spherical Compression are measured against it). Points: compressors, one colour and marker per
+family (casts, quantizers, sparsifiers, optimal: see FAMILIES; the table names each setting),
+filled on Gaussian vectors, hollow on real gradients.
 The worst-case bound holds for the worst x: structured vectors (real gradients are
 heavy-tailed) can sit below it, Gaussian ones cannot by much. The height of a point above
 the solid curve is its "over worst" column in the table (bits/coordinate wasted vs the optimum
@@ -215,8 +216,28 @@ def markdown(rows: list[dict[str, Any]], dims: list[int], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Families drawn in one colour each on the plot (names not listed: "other").
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "casts (fp32, fp16, bf16)": ("fp32", "fp16", "bf16"),
+    "quantizers (QSGD, ECQ, TernGrad, natural, sign)": (
+        "qsgd", "ecq", "terngrad", "natural", "natural_dithering", "sign"),
+    "sparsifiers, low rank (top-k, rand-k, PowerSGD)": ("topk", "randk", "powersgd"),
+    "optimal (sparse dithering, spherical)": (
+        "sparse_dithering", "sparse_dithering_rand", "spherical"),
+}
+_FAMILY_STYLE = (("tab:grey", "s"), ("tab:blue", "o"), ("tab:green", "^"), ("tab:red", "D"),
+                 ("tab:purple", "v"))
+
+
+def family(name: str) -> str:
+    """The plot family of a registry name."""
+    return next((f for f, names in FAMILIES.items() if name in names), "other")
+
+
 def plot(rows: list[dict[str, Any]], dims: list[int], path: Path) -> None:
-    """Top row: full range; bottom row: zoom on distortion 0.01..1 (linear bits axis)."""
+    """One column per d; top row: full range (log bits), bottom row: zoom on distortion
+    0.01..1 (linear bits). Colour and marker = family; filled = Gaussian x, hollow = real
+    gradient x. The legend names families, not settings (the table names settings)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,56 +247,51 @@ def plot(rows: list[dict[str, Any]], dims: list[int], path: Path) -> None:
     from gradpress import bounds as B
 
     ok = [r for r in rows if "skipped" not in r and r["distortion"] > 0]
-    labels = sorted({r["compressor"] for r in ok})
-    families = sorted({r["name"] for r in ok})
-    cmap = plt.get_cmap("tab20")
-    color = {f: cmap(i % 20) for i, f in enumerate(families)}
-    shapes = "osD^vP*X<>"
-    shape: dict[str, str] = {}
-    for f in families:
-        for i, lab in enumerate(sorted(r for r in labels if r == f or r.startswith(f + "("))):
-            shape[lab] = shapes[i % len(shapes)]
-    fig, axes = plt.subplots(2, len(dims), figsize=(5.0 * len(dims) + 3.6, 9.0), squeeze=False)
-    full = np.geomspace(1e-8, 0.995, 90)
-    zoom = np.geomspace(1e-2, 0.995, 60)
+    fams = [*FAMILIES, "other"]
+    style = dict(zip(fams, _FAMILY_STYLE))
+    fig, axes = plt.subplots(2, len(dims), figsize=(3.6 * len(dims) + 0.6, 6.4),
+                             squeeze=False)
+    full, zoom = np.geomspace(1e-8, 0.995, 90), np.geomspace(1e-2, 0.995, 60)
     for col, d in enumerate(dims):
         for row, grid in ((0, full), (1, zoom)):
             ax = axes[row][col]
             curves = B.bound_curves(d, grid)
-            ax.plot(grid, curves["worst_case"], "k-", lw=2)
-            ax.plot(grid, curves["average_case"], "k--", lw=1.2)
+            ax.plot(grid, curves["worst_case"], "k-", lw=1.6)
+            ax.plot(grid, curves["average_case"], "k--", lw=1.0)
             for r in ok:
                 if r["d"] != d or (row == 1 and not 0.01 <= r["distortion"] <= 1):
                     continue
+                c, m = style[family(r["name"])]
                 g = r["vectors"] == "gaussian"
-                c = color[r["name"]]
-                ax.scatter(r["distortion"], r["bits_per_coord"], s=34,
-                           marker=shape.get(r["compressor"], "o"),
-                           facecolors=c if g else "none", edgecolors="k" if g else c,
-                           linewidths=0.4 if g else 1.3, zorder=3)
+                ax.scatter(r["distortion"], r["bits_per_coord"], s=22, marker=m,
+                           facecolors=c if g else "none", edgecolors=c, linewidths=0.9,
+                           alpha=0.85, zorder=3)
             ax.set_xscale("log")
-            ax.grid(True, which="both", alpha=0.25)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.tick_params(labelsize=8)
             if row == 0:
                 ax.set_yscale("log")
-                ax.set_title(f"d = {d}")
+                ax.set_title(f"d = {d:,}", fontsize=10)
             else:
                 ax.set_ylim(0, 5)
                 ax.set_xlim(1e-2, 1)
-                ax.set_xlabel("distortion 1 - alpha  (unbiased: omega/(omega+1))")
-        axes[0][col].set_ylabel("bits per coordinate (body)") if col == 0 else None
-    axes[1][0].set_ylabel("bits per coordinate (zoom)")
-    handles = [plt.Line2D([], [], color="k", lw=2, label="worst-case bound"),
-               plt.Line2D([], [], color="k", ls="--", label="average-case bound"),
-               plt.Line2D([], [], marker="o", ls="", mfc="grey", mec="k",
-                          label="filled: Gaussian x"),
-               plt.Line2D([], [], marker="o", ls="", mfc="none", mec="grey",
-                          label="hollow: real gradient x")]
-    handles += [plt.Line2D([], [], marker=shape.get(lab, "o"), ls="", mfc=color[
-        next(f for f in families if lab == f or lab.startswith(f + "("))], mec="k", label=lab)
-        for lab in labels]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 3.4 / (5.0 * len(dims) + 3.6), 1))
-    fig.savefig(path, dpi=120)
+                ax.set_xlabel("distortion 1 - alpha (relative sq. error)", fontsize=8)
+        axes[0][col].set_ylabel("bits / coordinate (log)" if col == 0 else "", fontsize=8)
+        axes[1][col].set_ylabel("bits / coordinate (zoom)" if col == 0 else "", fontsize=8)
+    used = [f for f in fams if any(family(r["name"]) == f for r in ok)]
+    handles = [plt.Line2D([], [], color="k", lw=1.6, label="worst-case bound"),
+               plt.Line2D([], [], color="k", ls="--", lw=1.0, label="average-case bound")]
+    handles += [plt.Line2D([], [], ls="", marker=style[f][1], color=style[f][0], label=f)
+                for f in used]
+    handles += [plt.Line2D([], [], ls="", marker="o", mfc="grey", mec="grey",
+                           label="filled: Gaussian x"),
+                plt.Line2D([], [], ls="", marker="o", mfc="none", mec="grey",
+                           label="hollow: real gradient x")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    fig.suptitle("Bits per coordinate against distortion: measured payloads vs lower bounds",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

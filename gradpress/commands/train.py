@@ -5,7 +5,8 @@ gradpress.train.worker ...`` (gloo on CPU, NCCL when CUDA is there) and trains a
 CNN on scikit-learn's digits and an MLP on breast_cancer (bundled data, no download),
 reporting test accuracy, bytes sent and wall time per epoch, with a progress bar on rank 0;
 rank 0 writes train.json and train.png under --out. --compare also trains plain DDP (fp32
-all-reduce) with the same seed and prints the accuracy gap and the byte ratio.
+all-reduce) with the same seed (under --out/ddp), prints the accuracy gap and the byte ratio
+and draws both runs on the same axes in compare.png.
 
 --bits B maps to the compressor: ecq bits=B (2^B codebook points), qsgd and
 natural_dithering s = 2^(B-1)-1 levels (signed levels in B bits). Other arguments of a
@@ -65,6 +66,33 @@ def launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def plot_compare(ours: dict, base: dict, path: Path) -> None:
+    """One row per task: test accuracy against epochs and against MB sent by rank 0, the
+    compressed run and plain DDP on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(ours), 2, figsize=(9, 3.2 * len(ours)), squeeze=False)
+    for row, (task, r) in zip(axes, ours.items()):
+        for run, label, style in ((r, r["method"], "-"), (base[task], "plain DDP (fp32)", "--")):
+            rec = run["records"]
+            acc = [q["test_acc"] for q in rec]
+            row[0].plot([q["epoch"] for q in rec], acc, style, marker=".", label=label)
+            row[1].plot([q["payload_bytes"] / 1e6 for q in rec], acc, style, marker=".")
+        row[0].set(xlabel="epoch", ylabel="test accuracy", title=f"{task}: accuracy against epochs")
+        row[1].set(xlabel="MB sent by rank 0 (log)", ylabel="test accuracy", xscale="log",
+                   title=f"{task}: accuracy against bytes")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.title.set_fontsize(10)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise SystemExit(f"--nproc must be >= 1, got {args.nproc}")
@@ -85,4 +113,7 @@ def run(args: argparse.Namespace) -> int:
         gap = 100 * (r["final_test_acc"] - b["final_test_acc"])
         print(f"{task:<15}{r['final_test_acc']:>12.4f}{b['final_test_acc']:>10.4f}{gap:>+11.2f}"
               f"{r['payload_bytes'] / b['payload_bytes']:>14.4f}")
+    if not args.no_plot:
+        plot_compare(ours, base, Path(args.out) / "compare.png")
+        print(f"wrote {Path(args.out) / 'compare.png'}")
     return 0

@@ -37,7 +37,7 @@ def linear_figure(ds: dict[str, Any], path: Path) -> None:
     """Loss and distance to the optimum vs iterations (the paper's Fig. 2), and loss vs
     bits sent per worker."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.9))
     colors: dict[str, Any] = {}
     for c in ds["curves"]:
         kw = _style(c["label"], colors)
