@@ -205,9 +205,12 @@ def netmodel(out: Path, s: Section) -> None:
     s.figures += [Figure(out / "speedup.png", "Predicted speedup over one worker, per model "
                          "(rows) and link (columns)."),
                   Figure(out / "breakdown.png", "Where the time of one iteration goes.")]
-    s.markdown.append("Per model and link: the speedup of fp32 ring all-reduce at the largest "
-                      "worker count, the best compressed scheme there, and the largest worker "
-                      "count at which a compressed scheme still beats fp32 ring.\n\n"
+    s.markdown.append("Per model and link: the speedups of fp32 and fp16 ring all-reduce at the "
+                      "largest worker count, the best compressed scheme there, the worker "
+                      "counts at which the best two-phase compressor beats fp32 and fp16 ring "
+                      "all-reduce, and the largest at which an all-gather still beats fp32 "
+                      "ring. Compute is a V100's 125 TFLOP/s; the codecs' times are measured "
+                      "on this machine's CPU.\n\n"
                       + (out / "summary.md").read_text())
 
 

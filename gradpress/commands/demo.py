@@ -41,7 +41,7 @@ STEPS: list[tuple[str, str, list[str]]] = [
      ["train", "--nproc", "2", "--task", "digits", "--compressor", "ecq", "--bits", "2",
       "--compare", "--epochs", "8"]),
     ("netmodel", "Performance model: predicted speedup of compression at scale",
-     ["netmodel", "--compressors", "fp16,qsgd,ecq,sign"]),
+     ["netmodel", "--compressors", "fp16,qsgd,ecq,sign", "--flops", "1.25e14"]),
     ("federated", "Federated learning with Flower on non-iid digits",
      ["federated", "--clients", "10", "--rounds", "15",
       "--compressors", "fp32,qsgd,sparse_dithering"]),
