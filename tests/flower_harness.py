@@ -61,6 +61,8 @@ def train_message(arrays: dict[str, np.ndarray] | list[np.ndarray], *, node: int
                   server_round: int = 1, config: dict[str, Any] | None = None,
                   message_type: str = MessageType.TRAIN) -> Message:
     """What a FedAvg server sends node ``node``: the arrays and a config with the round."""
+    if isinstance(arrays, dict):
+        arrays = {k: Array(v) for k, v in arrays.items()}
     content = RecordDict({"arrays": ArrayRecord(arrays),
                           "config": ConfigRecord({"server-round": server_round,
                                                   **(config or {})})})
