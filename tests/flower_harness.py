@@ -100,12 +100,13 @@ class LoopbackGrid(Grid):
     """Delivers messages to ``client_app`` on ``num_nodes`` in-process nodes (ids 101...)."""
 
     def __init__(self, client_app: Any, num_nodes: int, *,
-                 tamper: Callable[[int, Message], Message] | None = None) -> None:
+                 tamper: Callable[[int, Message], Message] | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
         self.app, self.tamper = client_app, tamper
         self.contexts = {
             100 + i + 1: Context(run_id=1, node_id=100 + i + 1,
                                  node_config={"partition-id": i, "num-partitions": num_nodes},
-                                 state=RecordDict(), run_config={})
+                                 state=RecordDict(), run_config=dict(run_config or {}))
             for i in range(num_nodes)}
         self.sent: list[list[int]] = []  # node ids of each non-empty send_and_receive
         self._run: Any = None
