@@ -33,10 +33,12 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
+from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from gradpress import flower as fl  # noqa: E402
 from gradpress.flower import UPDATE_KEY  # noqa: E402
 
 _ids = itertools.count(1)
@@ -94,6 +96,25 @@ def reply(node: int, payloads: dict[str, bytes] | list[bytes], n: Any = 10, *,
 def error_reply(node: int, reason: str = "boom") -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                    reply_to=Message(RecordDict(), metadata=metadata(src=0, dst=node)))
+
+
+def step_app(crash_node: int | None = None) -> ClientApp:
+    """Each node's update is (partition + 1) everywhere, weighted by partition + 1; node
+    ``crash_node`` raises."""
+    app = ClientApp(mods=[fl.compression_mod("fp32")])
+
+    @app.train()
+    def train(msg, context):
+        if context.node_id == crash_node:
+            raise RuntimeError("disk full")
+        pid = int(context.node_config["partition-id"])
+        arrays = {k: a.numpy() + (pid + 1) for k, a in msg.content["arrays"].items()}
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
+                                                          arrays.items()}),
+                                   "metrics": MetricRecord({"num-examples": pid + 1})}),
+                       reply_to=msg)
+
+    return app
 
 
 class LoopbackGrid(Grid):

@@ -23,6 +23,7 @@ from flower_harness import (  # noqa: E402
     metadata,
     reply,
     server_identity,  # noqa: F401 (fixture)
+    step_app,
 )
 from flwr.app import (  # noqa: E402
     Array,
@@ -32,7 +33,6 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
 
 FP32 = gradpress.get("fp32")
 SHAPES = {"w": (2, 3), "b": (4,)}
@@ -254,32 +254,13 @@ def test_evaluate_ignores_lying_counts():
 
 
 # -- whole rounds through Flower's Strategy.start ----------------------------------------------
-def _step_app(crash_node: int | None = None) -> ClientApp:
-    """Each node's update is (partition + 1) everywhere, weighted by partition + 1; node
-    ``crash_node`` raises."""
-    app = ClientApp(mods=[fl.compression_mod("fp32")])
-
-    @app.train()
-    def train(msg, context):
-        if context.node_id == crash_node:
-            raise RuntimeError("disk full")
-        pid = int(context.node_config["partition-id"])
-        arrays = {k: a.numpy() + (pid + 1) for k, a in msg.content["arrays"].items()}
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
-                                                          arrays.items()}),
-                                   "metrics": MetricRecord({"num-examples": pid + 1})}),
-                       reply_to=msg)
-
-    return app
-
-
 def _start(strategy, grid, rounds=2):
     initial = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
     return strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
 
 
 def test_fraction_train_averages_exactly_the_sampled_clients(server_identity):  # noqa: F811
-    grid = LoopbackGrid(_step_app(), 10)
+    grid = LoopbackGrid(step_app(), 10)
     strategy = fl.CompressedFedAvg("fp32", fraction_train=0.3, fraction_evaluate=0.0,
                                    min_train_nodes=1, min_available_nodes=10)
     result = _start(strategy, grid, rounds=3)
@@ -298,7 +279,7 @@ def test_failed_and_lying_clients_leave_the_others_in_control(server_identity): 
             msg.content["metrics"]["num-examples"] = 10**9
         return msg
 
-    grid = LoopbackGrid(_step_app(crash_node=102), 4, tamper=tamper)
+    grid = LoopbackGrid(step_app(crash_node=102), 4, tamper=tamper)
     strategy = fl.CompressedFedAvg("fp32", fraction_evaluate=0.0, min_available_nodes=4,
                                    max_examples=100)
     result = _start(strategy, grid, rounds=2)

@@ -7,6 +7,8 @@ It is added to any Flower ``ClientApp`` in one line, the app itself unchanged::
 The wrapped app receives the global arrays and replies with its trained arrays, as in
 Flower's quickstarts. For each train message (other message types pass through):
 
+0. if the server compresses the downlink, rebuild the arrays from the steps it sent and
+   this node's stored copy (:func:`gradpress.flower.downlink.receive`); nothing to set up;
 1. keep the incoming global arrays ``w`` (the message's one ``ArrayRecord``) and the round
    (``server-round`` in its ``ConfigRecord``, which Flower's strategies always send);
 2. call the app; its reply must hold one ``ArrayRecord`` with ``w``'s keys, shapes and
@@ -50,6 +52,8 @@ from gradpress.flower.compat import (
     Message,
     MessageType,
 )
+from gradpress.flower.downlink import DownlinkOutOfSync
+from gradpress.flower.downlink import receive as receive_downlink
 from gradpress.flower.replies import UPDATE_KEY
 from gradpress.flower.update import encode_update, make_feedback, round_seed, torch_dtype
 
@@ -84,6 +88,10 @@ def compression_mod(compressor: Compressor | str, feedback: FeedbackSpec = None,
     def mod(msg: Message, context: Context, call_next: Any) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
+        try:
+            receive_downlink(msg, context)
+        except (DownlinkOutOfSync, PayloadError) as exc:
+            return _error(msg, f"downlink: {exc}")
         records = list(msg.content.array_records.values())
         if len(records) != 1:
             return _error(msg, f"expects one ArrayRecord in the train message, got "

@@ -52,6 +52,7 @@ class TrainReply:
     """A reply that passed checks 1-4: its weight, payload bytes and pass-through arrays."""
 
     node: str
+    node_id: int
     examples: int
     payloads: dict[str, memoryview]
     raw: dict[str, np.ndarray]
@@ -128,7 +129,8 @@ def read_train_reply(msg: Any, global_arrays: dict[str, np.ndarray], compressor:
         except PayloadError as exc:
             raise RejectedReply(node, f"corrupt update from {node}: array {key!r}: {exc}",
                                 payload=True) from exc
-    return TrainReply(node, examples, payloads, raw, msg.content, framing)
+    return TrainReply(node, msg.metadata.src_node_id, examples, payloads, raw, msg.content,
+                      framing)
 
 
 def npy_view(array: Any, dtype: np.dtype, shape: tuple[int, ...] | None) -> np.ndarray:

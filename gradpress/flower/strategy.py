@@ -30,10 +30,15 @@ replies get checks 1-3 before their metrics are averaged. Client metrics are ave
 :func:`~gradpress.flower.replies.average_metrics` (scalar, finite, shared keys only) unless
 ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn`` are given.
 
+``downlink`` (a compressor, off by default) compresses the train messages too, with error
+feedback on the server (:mod:`gradpress.flower.downlink`): clients then train from a copy
+``x`` of ``w`` that every node holds exactly, and their updates are added to ``w``.
+
 Bits: ``history[r]["uplink_bytes"]`` is the sum of ``len(payload)`` the server received in
 round ``r`` from replies that passed step 2 (plus the raw bytes of non-float arrays);
-``flower_array_bytes`` adds Flower's ``.npy`` framing. The downlink is Flower's, the
-uncompressed arrays (``downlink_bytes``: their bytes times the clients sampled).
+``flower_array_bytes`` adds Flower's ``.npy`` framing. ``downlink_bytes`` is what the
+train messages carried: the arrays' raw bytes times the clients sampled, or with
+``downlink`` the payload bytes of the steps each node was sent.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from gradpress.flower.compat import (
     Message,
     MetricRecord,
 )
+from gradpress.flower.downlink import DownlinkServer
 from gradpress.flower.replies import (
     RejectedReply,
     TrainReply,
@@ -81,7 +87,9 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
     ``server_lr`` scales the averaged update. ``max_examples`` caps a client's
     ``num-examples`` (default: ``examples_cap_factor`` times the first round's median
     claim). ``require_crc`` drops payloads without a CRC32. ``strict`` raises instead of
-    dropping. Other keyword arguments go to Flower's ``FedAvg`` (``fraction_train``,
+    dropping. ``downlink`` (a compressor or a name with ``downlink_kwargs``; ``None``: off)
+    compresses the train messages, ``downlink_chain`` steps kept for nodes that skip
+    rounds. Other keyword arguments go to Flower's ``FedAvg`` (``fraction_train``,
     ``min_train_nodes``, ``weighted_by_key``, ...).
 
     ``history`` holds one dict per round: ``clients`` (accepted), ``dropped`` (client
@@ -92,7 +100,10 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
     def __init__(self, compressor: Compressor | str = "fp32",
                  compressor_kwargs: dict[str, Any] | None = None, *, server_lr: float = 1.0,
                  max_examples: int | None = None, examples_cap_factor: float = 10.0,
-                 require_crc: bool = True, strict: bool = False, **fedavg_kwargs: Any) -> None:
+                 require_crc: bool = True, strict: bool = False,
+                 downlink: Compressor | str | None = None,
+                 downlink_kwargs: dict[str, Any] | None = None, downlink_chain: int = 8,
+                 **fedavg_kwargs: Any) -> None:
         if not HAVE_FLWR:
             raise ImportError(FLWR_MISSING)
         if not (isinstance(server_lr, int | float) and math.isfinite(server_lr)
@@ -114,6 +125,13 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
         self.examples_cap: int | None = max_examples
         self.history: list[dict[str, Any]] = []
         self.global_arrays: dict[str, np.ndarray] | None = None
+        self.downlink: DownlinkServer | None = None
+        if downlink is not None:
+            comp = get(downlink, **(downlink_kwargs or {})) if isinstance(downlink, str) \
+                else downlink
+            self.downlink = DownlinkServer(comp, max_chain=downlink_chain,
+                                           kwargs=downlink_kwargs)
+        self._downlink_bytes = 0
 
     def summary(self) -> None:
         super().summary()
@@ -126,7 +144,17 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_arrays = {k: a.numpy() for k, a in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._downlink_bytes = len(messages) * sum(a.nbytes for a in self.global_arrays.values())
+        if self.downlink is not None and messages:
+            self.downlink.advance(self.global_arrays)
+            self._downlink_bytes = 0
+            for msg in messages:
+                msg.content, sent = self.downlink.content_for(
+                    msg.metadata.dst_node_id, msg.content, self.arrayrecord_key,
+                    self.configrecord_key)
+                self._downlink_bytes += sent
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -152,9 +180,13 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
         record = {"round": server_round, "clients": len(accepted), "dropped": dropped,
                   "uplink_bytes": sum(r.uplink_bytes for r in read),
                   "flower_array_bytes": sum(r.framing_bytes for r in read),
-                  "downlink_bytes": len(replies) * sum(
-                      a.nbytes for a in self.global_arrays.values())}
+                  "downlink_bytes": self._downlink_bytes}
         self.history.append(record)
+        if self.downlink is not None:
+            for msg in replies:
+                self.downlink.forget(msg.metadata.src_node_id)
+            for r, _ in accepted:
+                self.downlink.confirm(r.node_id)
         metrics = {"gradpress-uplink-bytes": record["uplink_bytes"],
                    "gradpress-updates": len(accepted), "gradpress-dropped": len(dropped),
                    "gradpress-model-unchanged": int(not accepted)}
