@@ -190,6 +190,8 @@ class CompressedFedAvg(FedAvg):  # type: ignore[misc,valid-type]
         metrics = {"gradpress-uplink-bytes": record["uplink_bytes"],
                    "gradpress-updates": len(accepted), "gradpress-dropped": len(dropped),
                    "gradpress-model-unchanged": int(not accepted)}
+        _LOG.info("round %d: %d updates accepted, %d dropped, %d payload bytes received",
+                  server_round, len(accepted), len(dropped), record["uplink_bytes"])
         if not accepted:
             _LOG.warning("round %d: no valid client update (%d replies, %d dropped); the "
                          "global model is unchanged", server_round, len(replies), len(dropped))
