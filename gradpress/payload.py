@@ -107,46 +107,89 @@ class Payload:
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Payload:
         """Parse bytes; raise :class:`PayloadError` on anything malformed."""
         data = bytes(data)
-        if len(data) < 12:
-            raise PayloadError(f"payload truncated: {len(data)} bytes, header needs at least 12")
-        if data[:2] != MAGIC:
-            raise PayloadError(f"bad magic {data[:2]!r}: not a gradpress payload")
-        version, flags, comp_id, dcode, ndim = struct.unpack_from("<BBHBB", data, 2)
-        if version != FORMAT_VERSION:
-            raise PayloadError(f"payload format version {version}, this gradpress reads "
-                               f"{FORMAT_VERSION}")
-        if flags & ~(_FLAG_CRC | _FLAG_SEED):
-            raise PayloadError(f"unknown header flags 0x{flags:02x}")
-        if dcode not in CODE_DTYPES:
-            raise PayloadError(f"unknown dtype code {dcode}")
-        if ndim > MAX_NDIM:
-            raise PayloadError(f"header declares {ndim} dimensions, at most {MAX_NDIM}")
-        has_seed, has_crc = bool(flags & _FLAG_SEED), bool(flags & _FLAG_CRC)
-        hsize = header_size(ndim, seed=has_seed, crc=has_crc)
-        if len(data) < hsize:
-            raise PayloadError(f"payload truncated: {len(data)} bytes, header needs {hsize}")
-        pos = 8
-        shape = struct.unpack_from(f"<{ndim}I", data, pos)
-        pos += 4 * ndim
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel > MAX_NUMEL:
-            raise PayloadError(f"header declares {numel} elements, more than the limit "
-                               f"{MAX_NUMEL}")
-        (body_len,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        seed = None
-        if has_seed:
-            (seed,) = struct.unpack_from("<Q", data, pos)
-            pos += 8
-        if len(data) != hsize + body_len:
-            kind = "truncated" if len(data) < hsize + body_len else "extended"
-            raise PayloadError(f"payload {kind}: header declares {hsize + body_len} bytes, "
+        head = read_header(data)
+        if len(data) != head.size:
+            kind = "truncated" if len(data) < head.size else "extended"
+            raise PayloadError(f"payload {kind}: header declares {head.size} bytes, "
                                f"got {len(data)}")
-        body = data[hsize:]
-        if has_crc:
+        body = data[head.header_size:]
+        if head.crc:
+            pos = head.header_size - 4
             (crc,) = struct.unpack_from("<I", data, pos)
             if zlib.crc32(body, zlib.crc32(data[:pos])) != crc:
                 raise PayloadError("payload CRC32 mismatch: the bytes were corrupted in transit")
-        return cls(comp_id, CODE_DTYPES[dcode], tuple(shape), body, seed, has_crc)
+        return cls(head.compressor_id, head.dtype, head.shape, body, head.seed, head.crc)
+
+
+@dataclass(frozen=True)
+class PayloadHeader:
+    """The header fields of a payload, read without touching (or copying) its body.
+
+    ``size`` is the whole payload's length the header declares (``header_size + body_len``);
+    a receiver compares it, the shape and the dtype with what it expects before it decodes
+    anything, so a hostile header never makes it allocate more than it planned to.
+    """
+
+    compressor_id: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    body_len: int
+    seed: int | None
+    crc: bool
+    header_size: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def size(self) -> int:
+        return self.header_size + self.body_len
+
+
+def read_header(data: bytes | bytearray | memoryview) -> PayloadHeader:
+    """Parse only the header of ``data`` (no body copy, no CRC check: that needs the body).
+
+    Raises :class:`PayloadError` for a short, foreign or malformed header, or one declaring
+    more than :data:`MAX_NUMEL` elements. It does not check that ``data`` holds the whole
+    body: compare :attr:`PayloadHeader.size` with ``len(data)`` (``Payload.from_bytes``
+    does).
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < 12:
+        raise PayloadError(f"payload truncated: {len(view)} bytes, header needs at least 12")
+    if bytes(view[:2]) != MAGIC:
+        raise PayloadError(f"bad magic {bytes(view[:2])!r}: not a gradpress payload")
+    version, flags, comp_id, dcode, ndim = struct.unpack_from("<BBHBB", view, 2)
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"payload format version {version}, this gradpress reads "
+                           f"{FORMAT_VERSION}")
+    if flags & ~(_FLAG_CRC | _FLAG_SEED):
+        raise PayloadError(f"unknown header flags 0x{flags:02x}")
+    if dcode not in CODE_DTYPES:
+        raise PayloadError(f"unknown dtype code {dcode}")
+    if ndim > MAX_NDIM:
+        raise PayloadError(f"header declares {ndim} dimensions, at most {MAX_NDIM}")
+    has_seed, has_crc = bool(flags & _FLAG_SEED), bool(flags & _FLAG_CRC)
+    hsize = header_size(ndim, seed=has_seed, crc=has_crc)
+    if len(view) < hsize:
+        raise PayloadError(f"payload truncated: {len(view)} bytes, header needs {hsize}")
+    pos = 8
+    shape = struct.unpack_from(f"<{ndim}I", view, pos)
+    pos += 4 * ndim
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel > MAX_NUMEL:
+        raise PayloadError(f"header declares {numel} elements, more than the limit "
+                           f"{MAX_NUMEL}")
+    (body_len,) = struct.unpack_from("<I", view, pos)
+    pos += 4
+    seed = None
+    if has_seed:
+        (seed,) = struct.unpack_from("<Q", view, pos)
+    return PayloadHeader(comp_id, CODE_DTYPES[dcode], tuple(shape), body_len, seed, has_crc,
+                         hsize)

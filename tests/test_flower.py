@@ -1,11 +1,12 @@
 """Federated learning: non-iid digits split, client compression with feedback, the Flower
-strategy's decoding and byte counting, and one real Flower simulation."""
+strategy's decoding and byte counting, and one real Flower simulation. (Hostile replies:
+test_flower_strategy.py; the client mod: test_flower_mod.py; the example app:
+test_flower_example.py.)"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import gradpress
 from gradpress import flower as fl
 from gradpress.cli import main as cli_main
 from gradpress.errors import PayloadError
-from gradpress.flower import client as flower_client
+from gradpress.flower.mod import state_from_array, state_to_array
 
 needs_flwr = pytest.mark.skipif(not fl.HAVE_FLWR, reason=fl.FLWR_MISSING)
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -117,7 +118,7 @@ def test_error_feedback_sends_the_running_sum_of_updates():
     residual = total - sent_total
     assert 0 < float(residual.abs().max()) < 0.05  # bf16 rounding carried, not lost
     restored = fl.make_feedback("ef")
-    flower_client._state_from_array(restored, flower_client._state_to_array(fb))
+    state_from_array(restored, state_to_array(fb))
     probe = torch.zeros(100)
     torch.testing.assert_close(restored.to_send("model", probe), fb.to_send("model", probe))
 
@@ -136,54 +137,53 @@ def test_local_loop_learns_and_counts_real_bytes(data):
 
 
 # -- the Flower strategy -------------------------------------------------------------------
-def _reply(node: int, raw: bytes, n: int, pid: int = 0):
-    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-
-    content = RecordDict({
-        "gradpress": ArrayRecord([np.frombuffer(raw, dtype=np.uint8).copy()]),
-        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": pid})})
-    meta = Metadata(run_id=1, message_id=str(node), src_node_id=node, dst_node_id=0,
-                    reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60.0,
-                    message_type="train")
-    return Message(content, metadata=meta)
+def _strategy(*args, **kwargs):
+    strategy = fl.CompressedFedAvg(*args, **kwargs)
+    strategy.global_arrays = {"0": np.zeros(6, dtype=np.float32)}  # as configure_train sets
+    return strategy
 
 
 @needs_flwr
 def test_strategy_averages_decoded_updates_by_examples_and_counts_bytes():
-    strategy = fl.CompressedFedAvg("fp32")
-    strategy.global_weights = np.zeros(6, dtype=np.float32)
+    from flower_harness import reply
+
+    strategy = _strategy("fp32")
     comp = gradpress.get("fp32")
     raws = [fl.encode_update(torch.full((6,), v), comp) for v in (1.0, 4.0)]
-    arrays, metrics = strategy.aggregate_train(1, [_reply(5, raws[0], 30), _reply(6, raws[1], 10)])
+    arrays, metrics = strategy.aggregate_train(1, [reply(5, [raws[0]], 30),
+                                                   reply(6, [raws[1]], 10)])
     (w,) = arrays.to_numpy_ndarrays()
     np.testing.assert_allclose(w, np.full(6, (30 * 1 + 10 * 4) / 40))
     assert strategy.history[-1]["uplink_bytes"] == sum(len(r) for r in raws)
-    assert metrics["uplink-bytes"] == sum(len(r) for r in raws)
+    assert metrics["gradpress-uplink-bytes"] == sum(len(r) for r in raws)
 
 
 @needs_flwr
 def test_strategy_names_the_client_with_a_corrupt_payload():
-    strategy = fl.CompressedFedAvg("fp32")
-    strategy.global_weights = np.zeros(6, dtype=np.float32)
+    from flower_harness import reply
+
     good = fl.encode_update(torch.ones(6), gradpress.get("fp32"))
     bad = bytearray(good)
     bad[-1] ^= 1
-    replies = [_reply(5, good, 10, pid=0), _reply(77, bytes(bad), 10, pid=3)]
+    replies = [reply(5, [good], 10, pid=0), reply(77, [bytes(bad)], 10, pid=3)]
     with pytest.raises(PayloadError, match=r"client node 77 \(partition 3\).*CRC"):
-        strategy.aggregate_train(1, replies)
-    lenient = fl.CompressedFedAvg("fp32", strict=False)
-    lenient.global_weights = np.zeros(6, dtype=np.float32)
+        _strategy("fp32", strict=True).aggregate_train(1, replies)
+    lenient = _strategy("fp32")  # the default: drop the client, keep the round
     arrays, _ = lenient.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.ones(6))
     assert lenient.history[-1]["dropped"] == ["client node 77 (partition 3)"]
 
 
 @needs_flwr
-def test_strategy_rejects_unknown_feedback_and_compressor():
-    with pytest.raises(ValueError, match="feedback"):
-        fl.CompressedFedAvg("fp32", feedback="magic")
+def test_strategy_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown compressor"):
         fl.CompressedFedAvg("no-such-compressor")
+    for bad in ({"server_lr": 0.0}, {"server_lr": float("nan")}, {"max_examples": 0},
+                {"max_examples": 2.5}, {"examples_cap_factor": 0.5}):
+        with pytest.raises(ValueError):
+            fl.CompressedFedAvg("fp32", **bad)
+    with pytest.raises(ValueError, match="feedback"):
+        fl.compression_mod("fp32", feedback="magic")
 
 
 @needs_flwr

@@ -76,3 +76,15 @@ def test_bad_header_fields_are_named(field, value, match):
     raw[field:field + len(value)] = value
     with pytest.raises(PayloadError, match=match):
         Payload.from_bytes(bytes(raw))
+
+
+def test_read_header_needs_no_body_and_declares_the_size():
+    from gradpress.payload import read_header
+
+    raw = _sample(crc=True)
+    head = read_header(raw[:header_size(2, seed=True, crc=True)])  # header only, body absent
+    assert (head.compressor_id, head.dtype, head.shape, head.seed, head.crc) == (
+        5, torch.float32, (3, 4), 42, True)
+    assert head.size == len(raw) and head.numel == 12
+    with pytest.raises(PayloadError, match="magic"):
+        read_header(b"\x00" * 20)

@@ -15,18 +15,20 @@ import torch
 
 from gradpress.compressors import Compressor, get
 from gradpress.errors import PeerError
-from gradpress.flower.client import encode_update, make_client_app, make_feedback, round_seed
+from gradpress.flower.client import make_client_app
 from gradpress.flower.compat import (
     FLWR_MISSING,
     HAVE_FLWR,
     ArrayRecord,
+    ConfigRecord,
     Context,
+    Grid,
     MetricRecord,
     ServerApp,
 )
-from gradpress.flower.strategy import CompressedFedAvg, decode_update
+from gradpress.flower.strategy import CompressedFedAvg
 from gradpress.flower.task import FederatedData, evaluate, init_params, local_train, num_params
-from gradpress.kernels.sd_search import Grid
+from gradpress.flower.update import decode_update, encode_update, make_feedback, round_seed
 
 
 @contextlib.contextmanager
@@ -49,6 +51,12 @@ def run_flower(data: FederatedData, *, rounds: int = 20, hidden: int = 32,
                client_cpus: float = 1.0) -> dict[str, Any]:
     """Run FedAvg with compressed uplink in Flower's simulation engine (Ray backend).
 
+    The demo ClientApp (:func:`make_client_app`, with :func:`compression_mod`) and a
+    :class:`CompressedFedAvg` (``strict``: a dropped client ends the run) run through
+    ``flwr.simulation.run_simulation``: deprecated in Flower 1.42 in favour of ``flwr run``,
+    which needs a packaged app and a SuperLink and cannot take this function's in-memory
+    data; ``examples/flower_app`` shows the ``flwr run`` way.
+
     Returns ``{"rounds": [...], "final_accuracy", ...}``; each round has the test accuracy
     of the global model and the cumulative real uplink bytes.
     """
@@ -62,9 +70,11 @@ def run_flower(data: FederatedData, *, rounds: int = 20, hidden: int = 32,
     n = len(data.clients)
     with _quiet_flower():
         strategy = CompressedFedAvg(
-            compressor, compressor_kwargs, feedback=feedback, local_epochs=local_epochs, lr=lr,
-            batch_size=batch_size, seed=seed, crc=crc, strict=strict, fraction_train=fraction,
+            compressor, compressor_kwargs, require_crc=crc, strict=strict,
+            fraction_train=fraction, fraction_evaluate=0.0,
             min_train_nodes=max(1, int(fraction * n)), min_available_nodes=n)
+    train_config = ConfigRecord({"local-epochs": local_epochs, "lr": lr,
+                                 "batch-size": batch_size, "seed": seed})
     rounds_out: list[dict[str, Any]] = []
     cumulative = [0]
 
@@ -88,11 +98,12 @@ def run_flower(data: FederatedData, *, rounds: int = 20, hidden: int = 32,
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         strategy.start(grid=grid, initial_arrays=ArrayRecord([init_params(hidden, seed)]),
-                       num_rounds=rounds, evaluate_fn=evaluate_fn)
+                       num_rounds=rounds, evaluate_fn=evaluate_fn, train_config=train_config)
 
     t0 = time.perf_counter()
     with _quiet_flower():
-        run_simulation(server_app=server, client_app=make_client_app(data), num_supernodes=n,
+        client = make_client_app(data, strategy.compressor, feedback, seed=seed, crc=crc)
+        run_simulation(server_app=server, client_app=client, num_supernodes=n,
                        backend_config={"client_resources": {"num_cpus": client_cpus,
                                                             "num_gpus": 0.0},
                                        "init_args": {"include_dashboard": False}})
@@ -121,9 +132,10 @@ def run_local(data: FederatedData, *, rounds: int = 20, hidden: int = 32,
             s = round_seed(seed, r, pid)
             w_new, _ = local_train(w, x, y, epochs=local_epochs, lr=lr, batch_size=batch_size,
                                    seed=s)
-            raw = encode_update(torch.from_numpy(w_new - w), comp, fb, seed=s, crc=crc)
+            raw = encode_update(torch.from_numpy(w_new - w), comp, fb, key="0", seed=s, crc=crc)
             uplink += len(raw)
-            update = decode_update(raw, comp, w.shape[0], client=f"client {pid}")
+            update = decode_update(raw, comp, w.shape, client=f"client {pid}",
+                                   dtype=torch.float32, require_crc=crc)
             total += len(y) * update.double()
             n_total += len(y)
         w = w + (total / n_total).float().numpy()

@@ -1,0 +1,1 @@
+"""digits_app: a Flower quickstart (PyTorch) on scikit-learn's digits, with gradpress."""
