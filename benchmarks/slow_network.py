@@ -10,7 +10,11 @@ MLP on scikit-learn's digits, or the 3.3M-parameter byte-level transformer on th
 library's sources; ``gradpress.train.worker``, same seed, same data order) until the test
 accuracy reaches ``--target``, once per method:
 
-* ``ddp``: plain DDP, fp32 all-reduce (the baseline every ratio divides by);
+* ``compute-only``: 40 steps with a hook that communicates nothing (forward, backward,
+  DDP's bucketing, optimizer step): the floor of a step on this CPU. Every other method's
+  ``s / step`` is shown as a multiple of ``compute-only + max(sent, received) bytes per step
+  / link rate``, the step at the physical limit of its traffic;
+* ``ddp``: plain DDP, fp32 all-reduce (the baseline every speedup divides by);
 * ``torch-fp16``: PyTorch's ``fp16_compress_hook``;
 * ``torch-powersgd``: PyTorch's ``powerSGD_hook`` (rank ``--powersgd-rank``, error feedback,
   warm start), run with ONE bucket (``bucket_cap_mb=1000``): on gloo with several buckets it
@@ -130,10 +134,15 @@ class Netns:
         return env
 
 
+COMPUTE_ONLY = "compute-only (no communication, no hook work)"
+
+
 def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     ecq2 = ["--compressor", "ecq", "--bits", "2"]
     ternary = ["--compressor", "ecq", "--compressor-args", "s=3;entropy=huffman", "--unbounded"]
-    out = [("ddp", ["--compressor", "ddp"]),
+    out = [(COMPUTE_ONLY, ["--compressor", "compute-only", "--max-steps", "40",
+                           "--target-acc", "2"]),
+           ("ddp", ["--compressor", "ddp"]),
            ("torch-fp16", ["--compressor", "torch-fp16"]),
            (f"torch-powersgd r={args.powersgd_rank} (1 bucket)",
             ["--compressor", "torch-powersgd", "--rank-r", str(args.powersgd_rank),
@@ -146,7 +155,8 @@ def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if not args.quick:
         out += _more(args, collectives)
     if args.only:
-        out = [m for m in out if any(k in m[0] for k in args.only.split(","))]
+        out = [m for m in out if m[0] == COMPUTE_ONLY
+               or any(k in m[0] for k in args.only.split(","))]
     for spec in args.method:
         label, _, rest = spec.partition("=")
         out.append((label.strip(), shlex.split(rest)))
@@ -234,17 +244,32 @@ def run_one(net: Netns, label: str, extra: list[str], args: argparse.Namespace, 
             "final_acc": run["final_test_acc"], "train_time_s": run["train_time_s"]}
 
 
+def ideal_step_s(row: dict, compute_s: float, rate_bps: float) -> float:
+    """The step at the physical limit: compute-only plus the larger of this rank's sent and
+    received bytes per step through its link (full duplex)."""
+    per_step = max(row["sent_bytes"], row["received_bytes"]) / max(1, row["steps"])
+    return compute_s + 8 * per_step / rate_bps
+
+
 def table(rows: list[dict], rate: str, target: float, ranks: int) -> str:
     """One row per method; bytes are rank 0's until the target (or the end)."""
+    from gradpress.netmodel import parse_rate
+
     base = next((r for r in rows if r["label"] == "ddp" and not r["failed"]), None)
+    comp = next((r for r in rows if r["label"] == COMPUTE_ONLY and not r["failed"]), None)
     head = (f"| method ({ranks} ranks, {rate} per rank, target {target:.2f}) | time to target s "
-            "| speedup vs DDP | s / step | MB payload | MB sent | MB received | "
-            "received / (2C(P-1)/P) | acc at target |")
-    lines = [head, "|" + "---|" * 9]
+            "| speedup vs DDP | s / step | × (compute + bytes/link) | MB payload | MB sent | "
+            "MB received | received / (2C(P-1)/P) | acc at target |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if r["failed"]:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
             continue
+        if r["label"] == COMPUTE_ONLY:
+            lines.append(f"| {r['label']} | - | - | {r['step_s']:.3f} | 1.00 | | | | | |")
+            continue
+        ideal = (f"{r['step_s'] / ideal_step_s(r, comp['step_s'], parse_rate(rate)):.2f}"
+                 if comp and r["sent_bytes"] else "-")
         t = r["time_to_target_s"]
         sp = (f"{base['time_to_target_s'] / t:.2f}x" if base and base["reached"] and t
               else "-")
@@ -252,7 +277,7 @@ def table(rows: list[dict], rate: str, target: float, ranks: int) -> str:
         acc = f"{r['acc_at_target']:.3f}" if r["reached"] else f"{r['final_acc']:.3f} (final)"
         two_c = 2 * r["payload_bytes"] * (ranks - 1) / ranks
         rel = f"{r['received_bytes'] / two_c:.2f}" if two_c and ranks > 1 else "-"
-        lines.append(f"| {r['label']} | {ts} | {sp} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['label']} | {ts} | {sp} | {r['step_s']:.3f} | {ideal} | "
                      f"{r['payload_bytes'] / 1e6:.1f} | {r['sent_bytes'] / 1e6:.1f} | "
                      f"{r['received_bytes'] / 1e6:.1f} | {rel} | {acc} |")
     return "\n".join(lines)
@@ -260,7 +285,7 @@ def table(rows: list[dict], rate: str, target: float, ranks: int) -> str:
 
 def text_chart(rows: list[dict], width: int = 40) -> str:
     """Time to target as a text bar chart (the README shows it; plots are not committed)."""
-    ok = [r for r in rows if not r["failed"] and r["reached"]]
+    ok = [r for r in rows if not r["failed"] and r["reached"] and r["label"] != COMPUTE_ONLY]
     if not ok:
         return ""
     top = max(r["time_to_target_s"] for r in ok)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-TORCH_HOOKS = ("ddp", "torch-fp16", "torch-powersgd")
+TORCH_HOOKS = ("ddp", "torch-fp16", "torch-powersgd", "compute-only")
 AUTO_FEEDBACK = {"ecq": "ecq", "sign": "ef", "topk": "ef", "powersgd": "ef", "natural": "none"}
 
 
@@ -50,7 +50,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "4.1M-parameter MLP; lm: a 3.3M-parameter byte-level transformer on "
                         "the standard library's sources (accuracy = next-byte accuracy)")
     p.add_argument("--compressor", default="ecq",
-                   help="gradpress compressor name, or ddp / torch-fp16 / torch-powersgd")
+                   help="gradpress compressor name, or ddp / torch-fp16 / torch-powersgd / "
+                        "compute-only (a hook that communicates nothing: each rank keeps its "
+                        "own gradient; for timing the step without the network)")
     p.add_argument("--bits", type=int, default=None,
                    help="bits per coordinate: ecq bits=B; qsgd/natural_dithering s=2^(B-1)-1")
     p.add_argument("--compressor-args", default="", help='extra kwargs, e.g. "ratio=0.01"')
@@ -148,6 +150,13 @@ def build_model(task: str) -> nn.Module:
 
 # -- hooks and byte counters -----------------------------------------------------------------
 
+def _no_communication(state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
+    """A comm hook that sends nothing: the step's compute, DDP's bucketing included."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
 class _Bytes:
     """Cumulative bytes this rank contributed, for any of the hooks."""
 
@@ -156,7 +165,9 @@ class _Bytes:
         self.state: Any = None
         self.payload = self.wire = self.sent = self.received = 0
         self.world = dist.get_world_size()
-        if self.kind == "torch-fp16":
+        if self.kind == "compute-only":
+            ddp.register_comm_hook(None, _no_communication)
+        elif self.kind == "torch-fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -184,6 +195,8 @@ class _Bytes:
         self._ps_seen = 0
 
     def after_step(self) -> None:
+        if self.kind == "compute-only":
+            return
         if self.kind in ("ddp", "torch-fp16", "torch-powersgd"):
             if self.kind == "torch-powersgd":
                 after = self.state.total_numel_after_compression
