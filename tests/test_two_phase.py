@@ -288,3 +288,33 @@ def test_two_phase_runs_from_two_to_eight_ranks(world):
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
     for label in ("fp32", "ecq+ecq"):
         assert len({r[label]["digest"] for r in out}) == 1, label
+
+
+def _decoded_elements(rank: int, collective: str) -> dict:
+    """Elements this rank decodes from peers' payloads in one step."""
+    from gradpress.collectives import average, two_phase
+
+    count = {"n": 0}
+    real = average.decode_entry
+
+    def counting(comp, entry, numel, sender, where, device):
+        count["n"] += numel
+        return real(comp, entry, numel, sender, where, device)
+
+    average.decode_entry = two_phase.decode_entry = counting
+    cfg = {"compressor": "qsgd", "kwargs": {"s": 4}, "collective": collective}
+    out = _train(rank, cfg, steps=1)
+    return {"decoded": count["n"], "numel": sum(out["numel"].values())}
+
+
+@pytest.mark.parametrize("collective", ["allgather", "two_phase"])
+def test_decode_work_per_rank_is_linear_in_d_not_p_d(collective):
+    world = 4
+    res, _ = run_ranks(_decoded_elements, world, collective, deadline=60)
+    for r in res.values():
+        assert "error" not in r, r.get("trace")
+        d = r["numel"]
+        if collective == "allgather":
+            assert r["decoded"] == (world - 1) * d  # every peer's whole bucket
+        else:  # P-1 peers' shards of d/P, then P-1 owners' shards of d/P
+            assert r["decoded"] <= 2 * (world - 1) * (d + world) // world < 2 * d
