@@ -71,7 +71,7 @@ def test_split_gamma_reader_rejects_truncated_streams():
 
 # -- unbiased ones: a pooled test that does not need every coordinate to move ------------
 UNBIASED = [("qsgd", {}), ("ecq", {}), ("ecq", {"norm": "linf"}), ("natural", {}),
-            ("natural_dithering", {}), ("terngrad", {}), ("randk", {})]
+            ("natural_dithering", {}), ("terngrad", {"clip": None}), ("randk", {})]
 
 
 @pytest.mark.parametrize("name,kw", UNBIASED)
@@ -177,13 +177,37 @@ def test_scaled_sign_error_is_norm_minus_l1_squared_over_n():
     assert len(c.encode(x).body) == 4 * 10 + 1000 // 8
 
 
-def test_terngrad_sends_three_values_per_bucket():
-    c = gradpress.get("terngrad", bucket_size=50)
-    x = _gauss(500)
-    y = _rt(c, x, 3).view(10, 50)
-    for row, src in zip(y, x.view(10, 50)):
+@pytest.mark.parametrize("clip", [None, 2.5, 1.0])
+def test_terngrad_sends_three_values_per_bucket(clip):
+    c = gradpress.get("terngrad", bucket_size=50, clip=clip)
+    x = _gauss(530)  # ten whole buckets and a short one
+    y = _rt(c, x, 3)
+    for lo in range(0, 530, 50):
+        src, row = x[lo:lo + 50].double(), y[lo:lo + 50]
         m = float(src.abs().max())
-        assert set(torch.unique(row.abs()).tolist()) <= {0.0, m}
+        if clip is not None:  # the scale is max |clipped|: at most clip * std
+            m = min(m, clip * float(src.std(correction=0)))
+        vals = torch.unique(row.abs()).tolist()
+        assert all(v == 0.0 or math.isclose(v, m, rel_tol=1e-6) for v in vals), (vals, m)
+
+
+def test_terngrad_clipping_cuts_the_error_on_heavy_tails():
+    """Wen et al. Sec. 3.3: clipping at 2.5 standard deviations shrinks the scale, so on a
+    heavy-tailed vector the (biased) clipped scheme is closer to ``x`` than the unbiased
+    unclipped one; on a Gaussian the two are alike."""
+    g = torch.Generator().manual_seed(4)
+    # a Gaussian over a uniform power: tails like |x|^-2.4 (Pareto index 1/0.7)
+    heavy = torch.randn(4000, generator=g) / torch.rand(4000, generator=g).pow(0.7)
+    clipped, plain = gradpress.get("terngrad"), gradpress.get("terngrad", clip=None)
+    assert not clipped.unbiased and plain.unbiased and clipped.omega(10) is None
+
+    def rel_err(c, x):
+        ys = torch.stack([_rt(c, x, s).double() for s in range(50)])
+        return float(((ys - x.double()) ** 2).sum(1).mean() / (x.double() ** 2).sum())
+
+    assert rel_err(clipped, heavy) < 0.5 * rel_err(plain, heavy)
+    x = _gauss(4000, 5)
+    assert rel_err(clipped, x) < 1.2 * rel_err(plain, x)
 
 
 # -- natural ------------------------------------------------------------------------------
