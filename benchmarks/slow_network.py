@@ -120,7 +120,7 @@ def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
              "--bucket-cap-mb", "1000"]),
            ("gradpress ecq 2 bits + ECQ", ["--compressor", "ecq", "--bits", "2"]),
            ("gradpress ecq ternary Huffman + ECQ (lengths first)",
-            ["--compressor", "ecq", "--compressor-args", "s=3;entropy=huffman", "--unbounded"])]
+            ["--compressor", "ecq", "--compressor-args", "s=1;entropy=huffman", "--unbounded"])]
     if not args.quick:
         out += _more(args)
     if args.only:
