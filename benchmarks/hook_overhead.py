@@ -34,10 +34,15 @@ from gradpress.collectives.average import mean_of_payloads
 from gradpress.ddp import hook
 from gradpress.feedback import ECQFeedback, ErrorFeedback, NoFeedback
 
+TRAIN_ECQ = {"norm": "linf", "bucket_size": 512}
 METHODS = {
-    "ecq 2 bits + ECQ": (lambda: gradpress.get("ecq", bits=2), lambda: ECQFeedback(0.5, 0.9)),
-    "ecq 4 bits + ECQ": (lambda: gradpress.get("ecq", bits=4), lambda: ECQFeedback(0.5, 0.9)),
-    "ecq ternary Huffman + ECQ": (lambda: gradpress.get("ecq", s=3, entropy="huffman"),
+    # ecq as `gradpress train` runs it: l-inf scale per 512 coordinates
+    "ecq 2 bits + ECQ": (lambda: gradpress.get("ecq", bits=2, **TRAIN_ECQ),
+                         lambda: ECQFeedback(0.5, 0.9)),
+    "ecq 4 bits + ECQ": (lambda: gradpress.get("ecq", bits=4, **TRAIN_ECQ),
+                         lambda: ECQFeedback(0.5, 0.9)),
+    "ecq ternary Huffman + ECQ": (lambda: gradpress.get("ecq", s=1, entropy="huffman",
+                                                        **TRAIN_ECQ),
                                   lambda: ECQFeedback(0.5, 0.9)),
     "sign + EF": (lambda: gradpress.get("sign"), ErrorFeedback),
     "qsgd s=3": (lambda: gradpress.get("qsgd", s=3), NoFeedback),

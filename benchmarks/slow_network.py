@@ -139,7 +139,7 @@ COMPUTE_ONLY = "compute-only (no communication, no hook work)"
 
 def methods(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     ecq2 = ["--compressor", "ecq", "--bits", "2"]
-    ternary = ["--compressor", "ecq", "--compressor-args", "s=3;entropy=huffman", "--unbounded"]
+    ternary = ["--compressor", "ecq", "--compressor-args", "s=1;entropy=huffman", "--unbounded"]
     out = [(COMPUTE_ONLY, ["--compressor", "compute-only", "--max-steps", "40",
                            "--target-acc", "2"]),
            ("ddp", ["--compressor", "ddp"]),

@@ -36,7 +36,9 @@ x_mine, y_mine = x_train[rank::world], y_train[rank::world]  # this rank's shard
 
 torch.manual_seed(0)
 model = DDP(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)))
-state = CompressionState(None, compressor=gradpress.get("ecq", bits=2),
+# ternary ECQ-SGD quantizer, l-inf scale per 512 coordinates (as `gradpress train` runs it)
+state = CompressionState(None, compressor=gradpress.get("ecq", bits=2, norm="linf",
+                                                         bucket_size=512),
                          feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9))
 model.register_comm_hook(state, compression_hook)
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

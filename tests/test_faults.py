@@ -214,8 +214,10 @@ def _crc_run(rank: int, crc: bool) -> dict:
     hook.allgather_bytes_async = corrupting
     try:
         inner = small_model()
-        state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2},
-                                 crc=crc)
+        # the dense code: every flipped symbol bit is still a valid payload (an entropy or
+        # sparse code would often reject the frame as malformed, CRC or not)
+        state = CompressionState(None, compressor="ecq", crc=crc, compressor_kwargs={
+            "bits": 2, "entropy": False, "sparse": False})
         model = _ddp(inner, state)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         buckets = None

@@ -8,8 +8,9 @@ rank 0 writes train.json and train.png under --out. --compare also trains plain 
 all-reduce) with the same seed (under --out/ddp), prints the accuracy gap and the byte ratio
 and draws both runs on the same axes in compare.png.
 
---bits B maps to the compressor: ecq bits=B (2^B codebook points), qsgd and
-natural_dithering s = 2^(B-1)-1 levels (signed levels in B bits). Other arguments of a
+--bits B maps to the compressor: ecq, qsgd and natural_dithering get s = 2^(B-1)-1
+levels (2s+1 signed levels in B bits; B=2 is ternary); ecq scales each 512 coordinates by
+their l-inf norm unless --compressor-args sets norm/bucket_size. Other arguments of a
 compressor go in --compressor-args "key=value;key=value". --compressor also takes ddp,
 torch-fp16 and torch-powersgd (PyTorch's own hooks) as baselines.
 

@@ -4,9 +4,11 @@ Per bucket ``v`` with scale ``M`` (its l2 or l-inf norm), gain ``a`` and offset 
 coordinate becomes the integer symbol ``floor(a v_i / M + c + r_i)`` (``r_i ~ U[0,1)``:
 unbiased stochastic rounding onto the grid) and decodes as ``(sym - c) * M / a``. The body
 is a mode byte, ``32`` bits of float32 scale per bucket, then the smallest of the dense
-fixed-width code (``ceil(log2 levels)`` bits a symbol), the range code, the per-payload
-canonical Huffman code or a subclass's sparse code; the paper modules (``qsgd.py``,
-``ecq.py``, ``terngrad.py``, ``natural.py``) choose the grid.
+fixed-width code (``ceil(log2 levels)`` bits a symbol), a subclass's sparse code and the
+entropy codes asked for: the range code (``entropy=True``/``"range"``), the per-payload
+canonical Huffman code (``"huffman"``, for at most 16 levels) or both (``"best"``). Ties go
+to the first of dense, sparse, Huffman, range. The paper modules (``qsgd.py``, ``ecq.py``,
+``terngrad.py``, ``natural.py``) choose the grid.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from gradpress.kernels import quantize as fc
 from gradpress.payload import header_size
 
 DENSE, SPARSE, ENTROPY, HUFFMAN = 0, 1, 2, 3
-ENTROPY_CODES = (False, "range", "huffman")
+ENTROPY_CODES = (False, "range", "huffman", "best")
 
 
 def _entropy_code(entropy: bool | str) -> bool | str:
-    """``False`` (fixed width), ``"range"`` (``True``) or ``"huffman"``."""
+    """``False`` (fixed width), ``"range"`` (``True``), ``"huffman"`` or ``"best"`` (both,
+    the smaller sent)."""
     code = "range" if entropy is True else entropy
     if code not in ENTROPY_CODES:
-        raise ValueError(f"entropy must be False, True/'range' or 'huffman', got {entropy!r}")
+        raise ValueError(f"entropy must be False, True/'range', 'huffman' or 'best', "
+                         f"got {entropy!r}")
     return code
 
 
@@ -91,14 +95,19 @@ class UniformQuantizer(Compressor):
         return self._body(scale, sym), self._dequantize(scale, sym)
 
     def _body(self, scale: torch.Tensor, sym: torch.Tensor) -> bytes:
+        """The smallest of the dense code, the sparse code and the entropy codes asked for
+        (ties: the first of dense, sparse, Huffman, range)."""
         sym_np = sym.cpu().numpy()
-        best = self._sparse_body(scale, sym_np)  # None unless smaller than the dense code
-        if self.entropy:
-            coded = (self._huffman_body(scale, sym_np) if self.entropy == "huffman"
-                     else self._range_body(scale, sym_np))
-            dense_len = (self._header_bits(sym_np.size) + sym_np.size * self.width + 7) // 8
-            if len(coded) < min(dense_len, len(best) if best is not None else dense_len):
-                best = coded
+        best, size = None, (self._header_bits(sym_np.size) + sym_np.size * self.width + 7) // 8
+        codes = [self._sparse_body]  # returns None unless smaller than the dense code
+        if self.entropy in ("huffman", "best") and self.levels <= huffman.MAX_SYMBOLS:
+            codes.append(self._huffman_body)
+        if self.entropy in ("range", "best"):
+            codes.append(self._range_body)
+        for code in codes:
+            body = code(scale, sym_np)
+            if body is not None and len(body) < size:
+                best, size = body, len(body)
         return best if best is not None else self._dense_body(scale, sym_np)
 
     def _range_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes:

@@ -3,7 +3,8 @@
 Shaped like PyTorch's ``powerSGD_hook``: all mutable things live in one
 :class:`CompressionState`, the hook is a plain function ``(state, bucket) -> Future``::
 
-    state = CompressionState(None, compressor=gradpress.get("ecq", bits=2),
+    state = CompressionState(None, compressor=gradpress.get("ecq", bits=2, norm="linf",
+                                                             bucket_size=512),
                              feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9))
     ddp_model.register_comm_hook(state, compression_hook)
 

@@ -13,8 +13,9 @@ every rank evaluates the same held-out 20%.
 of PyTorch's own: ``ddp`` (plain fp32 all-reduce, no hook), ``torch-fp16``
 (``fp16_compress_hook``), ``torch-powersgd`` (``powerSGD_hook``, rank ``--rank-r``, error
 feedback and warm start on, compression from step 2). ``--bits B`` sets the compressor's
-precision: ``ecq`` gets ``bits=B`` (``2^B`` codebook points); ``qsgd`` and
-``natural_dithering`` get ``s = 2^(B-1) - 1`` levels, so the signed level fits ``B`` bits.
+precision: ``ecq``, ``qsgd`` and ``natural_dithering`` get ``s = 2^(B-1) - 1`` levels, so
+the signed level (``2s+1`` values) fits ``B`` bits (``B=2``: ternary). ``ecq`` trains with
+``norm="linf", bucket_size=512`` unless ``--compressor-args`` says otherwise.
 ``--compressor-args "k=v;k=v"`` passes any other constructor argument.
 
 Bytes per step are this rank's contribution: ``len(payload.to_bytes())`` of its payloads
@@ -54,7 +55,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "compute-only (a hook that communicates nothing: each rank keeps its "
                         "own gradient; for timing the step without the network)")
     p.add_argument("--bits", type=int, default=None,
-                   help="bits per coordinate: ecq bits=B; qsgd/natural_dithering s=2^(B-1)-1")
+                   help="bits per coordinate of the dense code: ecq/qsgd/natural_dithering "
+                        "s=2^(B-1)-1 (2s+1 levels)")
     p.add_argument("--compressor-args", default="", help='extra kwargs, e.g. "ratio=0.01"')
     p.add_argument("--feedback", default="auto", choices=("auto", "none", "ecq", "ef", "ef21"),
                    help="error feedback (auto: ecq for ecq; ef for sign/topk/powersgd)")
@@ -90,10 +92,13 @@ def compressor_kwargs(name: str, bits: int | None, extra: str) -> dict[str, Any]
     from gradpress.specs import parse_spec
 
     kw = parse_spec(f"{name}:{extra}")[1] if extra else {}
+    if name == "ecq":
+        # A DDP bucket holds millions of coordinates: one l2 scale for all of them has
+        # omega = sqrt(n)/s. Training scales each 512 coordinates by their l-inf norm
+        # (the paper's other scale) unless --compressor-args says otherwise.
+        kw = {"norm": "linf", "bucket_size": 512} | kw
     if bits is not None:
-        if name == "ecq":
-            kw["bits"] = bits
-        elif name in ("qsgd", "natural_dithering"):
+        if name in ("ecq", "qsgd", "natural_dithering"):
             if bits < 2:
                 raise SystemExit(f"{name} needs --bits >= 2 (s = 2^(bits-1)-1 levels)")
             kw["s"] = 2 ** (bits - 1) - 1
