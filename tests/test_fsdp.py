@@ -224,3 +224,27 @@ def test_wrong_shard_size_raises_peer_error_naming_sender():
     assert "PeerError" in res[0]["error"], res[0]
     assert "from rank 1" in res[0]["error"]
     assert "error" in res[1]
+
+
+# --- arguments and state, no process group --------------------------------------------------
+
+def test_reductions_other_than_sums_raise():
+    import torch.distributed as dist
+
+    from gradpress.fsdp.reduce_scatter import _sum_factor
+
+    assert _sum_factor(dist.ReduceOp.SUM, 4) is None
+    assert _sum_factor(dist.ReduceOp.AVG, 4) == 0.25
+    assert _sum_factor(dist.ReduceOp.PREMUL_SUM(0.5), 4) == 0.5
+    with pytest.raises(ValueError, match="SUM, AVG or PREMUL_SUM"):
+        _sum_factor(dist.ReduceOp.MAX, 4)
+
+
+def test_state_dict_of_another_unit_is_rejected():
+    a = gradpress.fsdp.CompressedReduceScatter("qsgd", gradpress.ECQFeedback(), key="l1")
+    b = gradpress.fsdp.CompressedReduceScatter("qsgd", gradpress.ECQFeedback(), key="l2")
+    with pytest.raises(ValueError, match="FSDP unit 'l1'"):
+        b.load_state_dict(a.state_dict())
+    c = gradpress.fsdp.CompressedReduceScatter("qsgd", key="l1")
+    with pytest.raises(ValueError, match="feedback"):
+        c.load_state_dict(a.state_dict())

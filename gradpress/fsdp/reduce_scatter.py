@@ -41,6 +41,18 @@ rank raises at the same call. A payload of the wrong shape or with bad bytes is 
 only by the rank that receives it, which raises :class:`~gradpress.errors.PeerError`
 naming the sender; its peers then fail at their next collective, within the process
 group's timeout.
+
+What FSDP2's interface (torch 2.13) leaves out, and what follows from it:
+
+* the call names neither the FSDP unit nor the step: one instance serves one unit (its
+  ``key``), and payload seeds count calls (saved in :meth:`~CompressedReduceScatter.state_dict`);
+* FSDP calls without ``async_op`` and ignores the return value, so the all-to-all is waited
+  for inside the call: on the host, the next unit's backward is issued only after it;
+* ``set_custom_reduce_scatter`` refuses modules with several parameter groups
+  (``shard_placement_fn`` with per-parameter meshes), and a custom comm excludes
+  ``set_symm_mem_for_comm`` and ``set_allocate_memory_from_process_group_for_comm``;
+* HSDP's all-reduce across replicas is FSDP's own (``dist.all_reduce``), uncompressed; with
+  one rank FSDP copies instead of calling the comm.
 """
 
 from __future__ import annotations
