@@ -29,14 +29,15 @@ class MLP(nn.Module):
         return self.head(torch.relu(self.l2(torch.relu(self.l1(x)))))
 
 
-def _sharded(force_sum: bool = False) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _sharded(force_sum: bool = False, reduce_dtype: torch.dtype | None = None) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
     model = MLP()
-    fully_shard(model.l1)
-    fully_shard(model.l2)
-    fully_shard(model)
+    mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+    fully_shard(model.l1, mp_policy=mp)
+    fully_shard(model.l2, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     if force_sum:
         model.set_force_sum_reduction_for_comms(True)
         model.l1.set_force_sum_reduction_for_comms(True)
@@ -89,6 +90,9 @@ def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # --- a lossless code is FSDP's reduce-scatter ---------------------------------------------
 
 def _lossless_rank(rank: int) -> dict:
+    """Parameters after STEPS steps of FSDP's default and of the fp32 comm (AVG, and SUM with
+    FSDP's post-divide); gradients with a bf16 and an fp16 reduce dtype; the comm's bytes;
+    ops called directly, sync and async."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
@@ -101,6 +105,14 @@ def _lossless_rank(rank: int) -> dict:
         _train(ref, opt_r, rank, range(STEPS))
         _train(ours, opt_o, rank, range(STEPS))
         out[f"diff_force_sum={force_sum}"] = _max_rel_diff(_full(ref), _full(ours))
+    for dtype in (torch.bfloat16, torch.float16):  # AVG; SUM between FSDP's pre/post divide
+        ref, ours = _sharded(reduce_dtype=dtype), _sharded(reduce_dtype=dtype)
+        gradpress.fsdp.register(ours, compressor="fp32")
+        for m in (ref, ours):
+            x, y = _batch(rank, 0)
+            nn.functional.mse_loss(m(x), y).backward()
+        grads = [[p.grad.full_tensor() for p in m.parameters()] for m in (ref, ours)]
+        out[f"grad_diff_{dtype}"] = _max_rel_diff(*grads)
     comp = gradpress.get("fp32")
     out["calls"] = {k: c.calls for k, c in comms.items()}
     out["sent"] = {k: c.last.sent_bytes for k, c in comms.items()}
@@ -132,6 +144,8 @@ def test_fp32_reduce_scatter_equals_fsdp_default(world):
         got = res[r]
         assert got["diff_force_sum=False"] < 1e-5
         assert got["diff_force_sum=True"] < 1e-5
+        assert got["grad_diff_torch.bfloat16"] < 1e-2  # the reduce dtype's rounding
+        assert got["grad_diff_torch.float16"] < 1e-3
         assert got["calls"] == {"": STEPS, "l1": STEPS, "l2": STEPS}
         for k in got["bound"]:  # one frame per other rank, padded to the bound
             assert got["sent"][k] == got["received"][k] == (world - 1) * (4 + got["bound"][k])
