@@ -75,6 +75,8 @@ from gradpress.errors import NonFiniteGradientError
 from gradpress.feedback import Feedback
 
 STATE_VERSION = 1
+#: What FSDP passes as ``op`` (``_fsdp_api._ReduceOp``).
+ReduceOpArg = dist.ReduceOp | dist.ReduceOp.RedOpType
 
 
 @dataclasses.dataclass
@@ -87,7 +89,7 @@ class CallBytes:
     received_bytes: int = 0  #: frames of other ranks this rank took out of it
 
 
-def _sum_factor(op: Any, world: int) -> float | torch.Tensor | None:
+def _sum_factor(op: ReduceOpArg, world: int) -> float | torch.Tensor | None:
     """The factor the rank-order sum is multiplied by for ``op`` (``None``: 1)."""
     kind = op if isinstance(op, dist.ReduceOp.RedOpType) else op.op
     if kind == dist.ReduceOp.SUM:
@@ -158,7 +160,7 @@ class CompressedReduceScatter(ReduceScatter):
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
-                 group: dist.ProcessGroup, op: Any, async_op: bool = False
+                 group: dist.ProcessGroup, op: ReduceOpArg, async_op: bool = False
                  ) -> dist.Work | None:
         """Reduce-scatter ``input_tensor`` into ``output_tensor`` (steps 1-4); returns a
         ``Work`` whose ``wait()`` finishes the reduction when ``async_op``, else ``None``."""
