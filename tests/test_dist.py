@@ -313,9 +313,10 @@ def test_payload_bound_holds_for_every_registered_compressor(name):
 def test_bits_map_to_compressor_kwargs():
     from gradpress.train.worker import compressor_kwargs
 
-    assert compressor_kwargs("ecq", 2, "") == {"s": 1, "norm": "linf", "bucket_size": 512}
-    assert compressor_kwargs("ecq", 4, "norm='l2';bucket_size=None") == {
-        "s": 7, "norm": "l2", "bucket_size": None}
+    assert compressor_kwargs("ecq", 2, "") == {"s": 1, "norm": "linf", "bucket_size": 512,
+                                               "entropy": "huffman"}
+    assert compressor_kwargs("ecq", 4, "norm='l2';bucket_size=None;entropy='best'") == {
+        "s": 7, "norm": "l2", "bucket_size": None, "entropy": "best"}
     assert compressor_kwargs("qsgd", 3, "bucket_size=128") == {"s": 3, "bucket_size": 128}
     assert compressor_kwargs("topk", None, "ratio=0.01") == {"ratio": 0.01}
     with pytest.raises(SystemExit):
