@@ -100,8 +100,8 @@ def records_from_slow_network(result: dict[str, Any], *,
     ref_rows = {r["label"]: r for r in (reference or {}).get("rows", []) if not r.get("failed")}
     out = []
     for row in result["rows"]:
-        if row.get("failed") or not row.get("steps"):
-            continue
+        if row.get("failed") or not row.get("steps") or not row.get("wire_bytes"):
+            continue  # failed, or sent nothing (the compute-only floor): nothing to predict
         rec: dict[str, Any] = {"compressor": row["label"], "nproc": nproc,
                                "bandwidth_bps": bw, "step_time_s": float(row["step_s"]),
                                "bytes_per_step": row["wire_bytes"] / row["steps"]}
