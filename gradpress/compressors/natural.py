@@ -36,6 +36,7 @@ from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
 from gradpress.kernels import quantize as fc
+from gradpress.payload import header_size
 
 
 @register
@@ -59,6 +60,14 @@ class NaturalCompression(Compressor):
 
     def body_bits(self, d: int) -> float:
         return float(9 * d + (16 if self.exponent_range else 0))
+
+    def max_payload_bytes(self, numel: int) -> int:
+        """``exponent_range``'s width is at most 8 bits, so ``16 + 9d`` is the ceiling."""
+        return header_size(1) + math.ceil(self.body_bits(numel) / 8)
+
+    def _min_body_len(self, numel: int) -> int:
+        """``exponent_range``: the 2-byte range header and at least 1 + 1 bits a value."""
+        return math.ceil((16 + 2 * numel) / 8)
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         e8, neg = self._round_exponents(flat, gen)
