@@ -109,7 +109,8 @@ class Float16(_Cast):
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         if not self.scaled:
-            top = float(flat.abs().max())
+            lo, hi = torch.aminmax(flat)  # one pass, no temporary
+            top = max(-float(lo), float(hi))
             if 0 < top < FP16_MIN_NORMAL:
                 warnings.warn(f"fp16: the largest entry {top:.3g} is below fp16's normal range "
                               f"(2^-14); alpha = 1 - 2^-22 does not hold; use "
