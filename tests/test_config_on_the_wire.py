@@ -37,7 +37,7 @@ MISMATCHES = [
 
 
 @pytest.mark.parametrize("enc,dec", MISMATCHES, ids=lambda c: f"{c[0]}{c[1]}")
-def test_decoding_with_another_config_raises_naming_the_decoders_config(enc, dec):
+def test_decoding_with_another_config_raises_naming_both_configs(enc, dec):
     """Caught bug: a qsgd(s=4) payload read by qsgd(s=2) silently halves every value."""
     a, b = gradpress.get(enc[0], **enc[1]), gradpress.get(dec[0], **dec[1])
     assert a.config() != b.config()
@@ -47,7 +47,10 @@ def test_decoding_with_another_config_raises_naming_the_decoders_config(enc, dec
         b.decode(raw)
     msg = str(err.value)
     assert repr(b) in msg, msg  # names the decoder's config ...
-    assert f"0x{a.config_digest((40, 30)):04x}" in msg  # ... and the payload's digest
+    assert f"0x{a.config_digest((40, 30)):04x}" in msg  # ... the payload's digest ...
+    # ... and the encoder's config, found among one-parameter changes of the decoder's
+    named = f"{a.name}(" + ", ".join(f"{k}={v!r}" for k, v in a.config().items()) + ")"
+    assert named in msg, msg
     a.decode(raw)  # the encoder's own config still reads it
 
 
