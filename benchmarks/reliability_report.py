@@ -3,9 +3,12 @@
     python benchmarks/reliability_report.py            # writes RELIABILITY.md
     python benchmarks/reliability_report.py --quick    # fewer random cases
 
-Outcomes are counted, never assumed: for corrupt bytes a case passes when the decoder raises
-``PayloadError`` or returns a finite tensor of the declared shape (corruption that is
-undetectable without a CRC); anything else is a failure and is listed. Distributed faults
+Outcomes are counted, never assumed. Faults the format can detect (a truncated or extended
+body, a shape that lies, a truncated payload, a decoder configured differently, any flip
+under the CRC) pass only with ``PayloadError``: a finite tensor is a failure. Bit flips and
+random bytes inside a body pass with ``PayloadError`` or a finite tensor of the declared
+shape (corruption that is undetectable without a CRC; ``tests/test_hostile.py`` names the
+fields). Anything else is a failure and is listed. Distributed faults
 (dead peer, non-finite skip, exact resume) are run as their pytest tests and reported with
 their pass/fail counts. A summary table (one row per fault or input, cases summed over the
 compressors; one row per distributed fault test) opens the report.
@@ -14,6 +17,7 @@ compressors; one row per distributed fault test) opens the report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import subprocess
@@ -27,18 +31,33 @@ import torch
 
 import gradpress
 from gradpress.errors import NonFiniteGradientError, PayloadError
-from gradpress.payload import Payload
+from gradpress.payload import FORMAT_VERSION, Payload
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _outcome(fn) -> str:
+#: Faults the format detects: a finite tensor is a failure there.
+STRICT = ("truncated body (every length)", "extended body", "body under a lying shape",
+          "truncated whole payload", "decoded by another config", "2^30 elements, tiny body",
+          "1-bit flip anywhere, CRC on")
+#: A differently configured decoder per compressor (the payload carries a config digest).
+OTHER_CONFIG = {"qsgd": {"s": 2}, "ecq": {"s": 8}, "terngrad": {"bucket_size": 64},
+                "natural_dithering": {"s": 3}, "natural": {"exponent_range": True},
+                "sign": {"bucket_size": 128}, "topk": {"ratio": 0.02},
+                "randk": {"ratio": 0.02}, "powersgd": {"rank": 2}, "spherical": {"bits": 8},
+                "sparse_dithering": {"nu": 0.2}, "sparse_dithering_rand": {"omega": 0.25},
+                "fp16": {"scaled": True}}
+
+
+def _outcome(fn, strict: bool = False) -> str:
     try:
         y, shape = fn()
     except PayloadError:
         return "PayloadError"
     except Exception as e:  # noqa: BLE001 - the report counts every other exception
         return f"FAIL {type(e).__name__}: {e}"[:160]
+    if strict:
+        return "FAIL decoded a detectable fault"
     if y.shape != torch.Size(shape):
         return f"FAIL wrong shape {tuple(y.shape)}"
     if not bool(torch.isfinite(y).all()):
@@ -46,11 +65,11 @@ def _outcome(fn) -> str:
     return "finite tensor"
 
 
-def _decode_case(name: str, p: Payload, body: bytes, shape=None):
-    q = Payload(p.compressor_id, p.dtype, shape or p.shape, body, p.seed, p.crc)
+def _decode_case(name: str, p: Payload, body: bytes, shape=None, kw: dict | None = None):
+    q = dataclasses.replace(p, body=body, shape=shape or p.shape)
 
     def run():
-        return gradpress.get(name).decode(Payload.from_bytes(q.to_bytes())), q.shape
+        return gradpress.get(name, **(kw or {})).decode(Payload.from_bytes(q.to_bytes())), q.shape
     return run
 
 
@@ -60,9 +79,10 @@ def corrupt_bytes_cases(name: str, n_random: int, rng: np.random.Generator) -> d
     body = p.body
     out: dict[str, Counter] = {}
     out["truncated body (every length)"] = Counter(
-        _outcome(_decode_case(name, p, body[:n])) for n in range(len(body)))
+        _outcome(_decode_case(name, p, body[:n]), True) for n in range(len(body)))
     out["extended body"] = Counter(
-        _outcome(_decode_case(name, p, body + bytes(rng.integers(0, 256, k, dtype=np.uint8))))
+        _outcome(_decode_case(name, p, body + bytes(rng.integers(0, 256, k, dtype=np.uint8))),
+                 True)
         for k in (1, 2, 7, 64))
     flips = Counter()
     for _ in range(n_random):
@@ -78,10 +98,16 @@ def corrupt_bytes_cases(name: str, n_random: int, rng: np.random.Generator) -> d
                                                     dtype=np.uint8).tobytes()))
         for _ in range(n_random))
     out["body under a lying shape"] = Counter(
-        _outcome(_decode_case(name, p, body, s)) for s in [(1,), (5000,), (3, 7, 11), (0,)])
+        _outcome(_decode_case(name, p, body, s), True)
+        for s in [(1,), (5000,), (3, 7, 11), (0,), (999,), (1001,), (25, 40)])
+    big = (1 << 15, 1 << 15) if name == "powersgd" else (1 << 30,)
+    out["2^30 elements, tiny body"] = Counter([_outcome(_decode_case(name, p, body, big), True)])
+    if name in OTHER_CONFIG:
+        out["decoded by another config"] = Counter(
+            [_outcome(_decode_case(name, p, body, kw=OTHER_CONFIG[name]), True)])
     raw = p.to_bytes()
     out["truncated whole payload"] = Counter(
-        _outcome(lambda n=n: (gradpress.get(name).decode(raw[:n]), p.shape))
+        _outcome(lambda n=n: (gradpress.get(name).decode(raw[:n]), p.shape), True)
         for n in range(0, len(raw), max(1, len(raw) // 64)))
     return out
 
@@ -89,8 +115,6 @@ def corrupt_bytes_cases(name: str, n_random: int, rng: np.random.Generator) -> d
 def crc_cases(name: str, n: int, rng: np.random.Generator) -> Counter:
     """``n`` single-bit flips anywhere in a payload sent with ``crc=True`` (header included):
     every one must raise ``PayloadError``."""
-    import dataclasses
-
     x = torch.randn(40, 25, generator=torch.Generator().manual_seed(1))
     raw = dataclasses.replace(gradpress.get(name).encode(x, seed=3), crc=True).to_bytes()
     out = Counter()
@@ -98,7 +122,7 @@ def crc_cases(name: str, n: int, rng: np.random.Generator) -> Counter:
         b = bytearray(raw)
         b[bit // 8] ^= 1 << (bit % 8)
         out[_outcome(lambda b=bytes(b): (gradpress.get(name).decode(Payload.from_bytes(b)),
-                                         x.shape))] += 1
+                                         x.shape), True)] += 1
     return out
 
 
@@ -136,7 +160,8 @@ def input_cases(name: str) -> dict[str, str]:
 def huge_header_case() -> str:
     import struct
 
-    raw = b"GP" + struct.pack("<BBHBB", 1, 0, 1, 0, 2) + struct.pack("<III", 2**20, 2**20, 0)
+    raw = b"GP" + struct.pack("<BBHHBB", FORMAT_VERSION, 0, 1, 0, 0, 2) + struct.pack(
+        "<III", 2**20, 2**20, 0)
     try:
         Payload.from_bytes(raw)
     except PayloadError:
@@ -175,9 +200,11 @@ def main() -> int:
              f"Made by `python benchmarks/reliability_report.py` on {datetime.date.today()} "
              f"({platform.machine()}, {platform.system()}, torch {torch.__version__}).", "",
              "## Corrupt bytes, per compressor", "",
-             "Pass = `PayloadError` or a finite tensor of the declared shape (a flip the "
-             "format cannot detect without its optional CRC). Every other outcome is a "
-             "failure and is named.", "",
+             "Faults the format can detect (" + ", ".join(STRICT) + ") pass only with "
+             "`PayloadError`. Bit flips and random bytes inside a body pass with "
+             "`PayloadError` or a finite tensor of the declared shape (a flip the format "
+             "cannot detect without its optional CRC). Every other outcome is a failure and "
+             "is named.", "",
              "| compressor | fault | cases | PayloadError | finite tensor | failures |",
              "|---|---|---:|---:|---:|---|"]
     failures = 0
@@ -215,8 +242,8 @@ def main() -> int:
               "groups (spawned ranks, FileStore, 5-8 s process-group timeout).", "",
               "| test | result |", "|---|---|"]
     dist_tests = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
-                  if p.stem in ("test_hostile", "test_payload", "test_dist", "test_faults",
-                                "test_resume", "test_feedback")]
+                  if p.stem in ("test_hostile", "test_payload", "test_config_on_the_wire",
+                                "test_dist", "test_faults", "test_resume", "test_feedback")]
     dist_failures = 0
     for sel, result, tests in pytest_cases(dist_tests):
         lines.append(f"| `{sel}` | {result} |")

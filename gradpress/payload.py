@@ -6,6 +6,7 @@ Layout (little-endian, all sizes in bytes)::
     version   1   FORMAT_VERSION
     flags     1   bit 0: CRC32 present, bit 1: seed present
     comp_id   2   compressor id (see ``gradpress.compressors``)
+    config    2   digest of the compressor's ``config()`` (:func:`config_digest`)
     dtype     1   0=float32 1=float16 2=bfloat16 3=float64
     ndim      1   number of dimensions (0..8)
     shape     4*ndim  each dimension, uint32
@@ -14,22 +15,33 @@ Layout (little-endian, all sizes in bytes)::
     crc32     4   CRC32 of header-so-far + body, only with flag bit 0
     body      body_len
 
-Header size is ``12 + 4*ndim`` bytes, plus 8 with a seed and 4 with a CRC. Every size
+Header size is ``14 + 4*ndim`` bytes, plus 8 with a seed and 4 with a CRC. Every size
 gradpress reports is ``len(payload.to_bytes())``.
+
+Version 2 added the 2-byte config digest (version 1 had none): the decoding parameters
+(levels, bucket size, norm, mode, ...) travel with the payload, so a decoder configured
+differently from the encoder raises :class:`PayloadError` instead of silently decoding
+garbage. The digest also covers the shape, so a header whose shape lies is caught even
+where the body cannot show it. Two different configs (or shapes) of one compressor share
+a digest with probability about 2^-16 (1.5e-5: a 2-byte BLAKE2s, whose output bits are
+uniform for any inputs, structured or not); the compressor id is checked separately, so
+e.g. top-k against rand-k never relies on the digest. Decoding cost: one 8-us hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gradpress.errors import PayloadError
 
 MAGIC = b"GP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_NDIM = 8
 #: Largest element count a header may declare (2^31, 8 GiB of float32): a larger claim is
 #: rejected before anything is allocated.
@@ -47,9 +59,13 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
+#: Header bytes before the shape: magic, version, flags, comp_id, config digest, dtype, ndim.
+_FIXED = 10
+
+
 def header_size(ndim: int, *, seed: bool = False, crc: bool = False) -> int:
     """Bytes of header for a tensor of ``ndim`` dimensions."""
-    return 12 + 4 * ndim + (8 if seed else 0) + (4 if crc else 0)
+    return _FIXED + 4 + 4 * ndim + (8 if seed else 0) + (4 if crc else 0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,8 @@ class Payload:
     body: bytes
     seed: int | None = None
     crc: bool = False
+    #: 16-bit digest of the encoder's ``config()`` (:func:`config_digest`).
+    config_digest: int = 0
 
     @property
     def numel(self) -> int:
@@ -92,8 +110,8 @@ class Payload:
         flags = (_FLAG_CRC if self.crc else 0) | (_FLAG_SEED if self.seed is not None else 0)
         head = bytearray(MAGIC)
         head += struct.pack(
-            "<BBHBB", FORMAT_VERSION, flags, self.compressor_id, DTYPE_CODES[self.dtype],
-            len(self.shape),
+            "<BBHHBB", FORMAT_VERSION, flags, self.compressor_id,
+            self.config_digest & 0xFFFF, DTYPE_CODES[self.dtype], len(self.shape),
         )
         head += struct.pack(f"<{len(self.shape)}I", *self.shape)
         head += struct.pack("<I", len(self.body))
@@ -118,7 +136,8 @@ class Payload:
             (crc,) = struct.unpack_from("<I", data, pos)
             if zlib.crc32(body, zlib.crc32(data[:pos])) != crc:
                 raise PayloadError("payload CRC32 mismatch: the bytes were corrupted in transit")
-        return cls(head.compressor_id, head.dtype, head.shape, body, head.seed, head.crc)
+        return cls(head.compressor_id, head.dtype, head.shape, body, head.seed, head.crc,
+                   head.config_digest)
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,7 @@ class PayloadHeader:
     seed: int | None
     crc: bool
     header_size: int
+    config_digest: int = 0
 
     @property
     def numel(self) -> int:
@@ -159,11 +179,12 @@ def read_header(data: bytes | bytearray | memoryview) -> PayloadHeader:
     does).
     """
     view = memoryview(data).cast("B")
-    if len(view) < 12:
-        raise PayloadError(f"payload truncated: {len(view)} bytes, header needs at least 12")
+    if len(view) < header_size(0):
+        raise PayloadError(f"payload truncated: {len(view)} bytes, header needs at least "
+                           f"{header_size(0)}")
     if bytes(view[:2]) != MAGIC:
         raise PayloadError(f"bad magic {bytes(view[:2])!r}: not a gradpress payload")
-    version, flags, comp_id, dcode, ndim = struct.unpack_from("<BBHBB", view, 2)
+    version, flags, comp_id, digest, dcode, ndim = struct.unpack_from("<BBHHBB", view, 2)
     if version != FORMAT_VERSION:
         raise PayloadError(f"payload format version {version}, this gradpress reads "
                            f"{FORMAT_VERSION}")
@@ -177,7 +198,7 @@ def read_header(data: bytes | bytearray | memoryview) -> PayloadHeader:
     hsize = header_size(ndim, seed=has_seed, crc=has_crc)
     if len(view) < hsize:
         raise PayloadError(f"payload truncated: {len(view)} bytes, header needs {hsize}")
-    pos = 8
+    pos = _FIXED
     shape = struct.unpack_from(f"<{ndim}I", view, pos)
     pos += 4 * ndim
     numel = 1
@@ -192,4 +213,17 @@ def read_header(data: bytes | bytearray | memoryview) -> PayloadHeader:
     if has_seed:
         (seed,) = struct.unpack_from("<Q", view, pos)
     return PayloadHeader(comp_id, CODE_DTYPES[dcode], tuple(shape), body_len, seed, has_crc,
-                         hsize)
+                         hsize, digest)
+
+
+def config_digest(name: str, config: dict[str, Any], shape: tuple[int, ...]) -> int:
+    """16-bit digest of a compressor's name, its ``config()`` and the tensor's shape: a
+    2-byte BLAKE2s of ``name(k1=v1, k2=v2, ...)`` (keys sorted, values as ``repr``) followed
+    by the shape as uint32s. (Not a truncated CRC32: CRCs are linear, so configs that differ
+    in a few bits collide far above 2^-16; a test measures the rate.) Binding the shape
+    makes a header whose shape field was altered fail the check even where the body alone
+    cannot tell (a sparse code whose last nonzero index fits under both shapes)."""
+    text = f"{name}(" + ", ".join(f"{k}={config[k]!r}" for k in sorted(config)) + ")"
+    h = hashlib.blake2s(text.encode(), digest_size=2)
+    h.update(struct.pack(f"<{len(shape)}I", *shape))
+    return int.from_bytes(h.digest(), "little")

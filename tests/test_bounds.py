@@ -14,6 +14,7 @@ from scipy import special
 
 import gradpress
 from gradpress import bounds as B
+from gradpress.payload import header_size
 
 alphas = st.floats(0.01, 0.99)
 log_dims = st.floats(0.5, 9.0)
@@ -131,8 +132,8 @@ def test_bounds_reject_bad_arguments():
 def test_measure_reports_real_payload_bits_and_distortion():
     x = [torch.randn(100, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     m = B.measure(gradpress.get("fp32"), x)
-    assert m.payload_bits == 8 * (16 + 400) and m.body_bits == 3200
-    assert m.distortion == 0.0 and m.bits_per_coord == pytest.approx(33.28)
+    assert m.payload_bits == 8 * (header_size(1) + 400) == 8 * (18 + 400) and m.body_bits == 3200
+    assert m.distortion == 0.0 and m.bits_per_coord == pytest.approx(8 * 418 / 100)
     m16 = B.measure(gradpress.get("fp16"), x)
     assert 0 < m16.distortion < 1e-6 and m16.scaled_distortion == m16.distortion
     sd = gradpress.get("sparse_dithering_rand", omega=1.0)

@@ -16,7 +16,7 @@ from gradpress.payload import header_size
 
 WORLD = 2
 PG_TIMEOUT_S = 8
-HARD_DEADLINE_S = 28
+HARD_DEADLINE_S = 120  # a hang guard (see dist_harness), not a time budget
 
 
 def _run_ranks(target, *args, deadline: float = HARD_DEADLINE_S) -> list[dict]:
@@ -147,14 +147,13 @@ def _crash_or_train(rank: int) -> dict:
     model = DDP(small_model(), bucket_cap_mb=0.0004)
     state = CompressionState(None, compressor="ecq", compressor_kwargs={"bits": 2})
     model.register_comm_hook(state, compression_hook)
-    t0 = time.monotonic()
     try:
         for step in range(5):
             if rank == 1 and step == 2:
                 raise ValueError("rank 1 fails in its training loop")
             model(torch.randn(8, 20)).sum().backward()
-    except Exception as e:
-        return {"caught": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - t0}
+    except Exception as e:  # CLOCK_MONOTONIC is one clock for every process on the host
+        return {"caught": f"{type(e).__name__}: {e}", "at": time.monotonic()}
     return {"caught": None}
 
 
@@ -163,7 +162,8 @@ def test_a_rank_that_raises_makes_the_other_fail_within_the_timeout():
     assert failed["caught"].startswith("ValueError: rank 1 fails")
     assert survivor["caught"] is not None, "the survivor trained on as if nothing happened"
     assert "PeerError" in survivor["caught"] and "peer" in survivor["caught"]
-    assert survivor["after_s"] < PG_TIMEOUT_S + 5
+    # after the failure, and within two timeouts of it (not counting start-up and JIT time)
+    assert 0 <= survivor["at"] - failed["at"] < 2 * PG_TIMEOUT_S, (survivor, failed)
 
 
 def _nan_on_rank1(rank: int, mode: str) -> dict:
@@ -199,11 +199,10 @@ def _fp16_overflow_on_rank1(rank: int) -> dict:
     state = CompressionState(None, compressor="fp16", allreduce_fast_path=False)
     model.register_comm_hook(state, compression_hook)
     x = torch.randn(8, 20) * (1e7 if rank == 1 else 1.0)  # rank 1's gradient exceeds fp16
-    t0 = time.monotonic()
     try:
         model(x).sum().backward()
     except Exception as e:
-        return {"caught": f"{type(e).__name__}: {e}", "after_s": time.monotonic() - t0}
+        return {"caught": f"{type(e).__name__}: {e}", "at": time.monotonic()}
     return {"caught": None}
 
 
@@ -236,7 +235,8 @@ def test_a_rank_whose_encoder_raises_fails_every_rank_at_once(nan_runs):
     mine, peer = nan_runs[1]["encode_error"], nan_runs[0]["encode_error"]
     assert mine["caught"] and "float16 range" in mine["caught"], mine
     assert peer["caught"] and "PeerError" in peer["caught"] and "[1]" in peer["caught"], peer
-    assert peer["after_s"] < PG_TIMEOUT_S / 2
+    # at once: the status exchange, long before a timeout could have fired
+    assert abs(peer["at"] - mine["at"]) < PG_TIMEOUT_S / 2, (peer, mine)
 
 
 def _gather_bytes(rank: int) -> dict:

@@ -124,7 +124,7 @@ def _replay_two_phase(comp, fbs, servers, key: str, grads: list[torch.Tensor], i
                 ids=lambda p: f"{p[0]}ranks-{p[1]}")
 def recorded(request) -> tuple[int, str, dict[int, dict]]:
     world, collective = request.param
-    res, _ = run_ranks(_record_all, world, collective, deadline=90)
+    res, _ = run_ranks(_record_all, world, collective, deadline=180)
     for r in res.values():
         assert "error" not in r, r.get("trace")
     return world, collective, res

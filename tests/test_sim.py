@@ -88,7 +88,7 @@ def test_bytes_are_the_real_payload_sizes():
     sim = Simulation(pr, split(pr.n, 4, seed=0))
     c = sim.run(Method("fp32", "fp32"), iters=5, lr=0.1, record_every=1, progress=False)
     one = len(__import__("gradpress").get("fp32").encode(torch.zeros(10)).to_bytes())
-    assert one == 12 + 4 + 4 * 10
+    assert one == 14 + 4 + 4 * 10  # header_size(1) + 4 bytes per value
     assert c.bytes_per_worker_total == [5 * one] * 4
     assert c.bits_per_worker == [8.0 * one * t for t in range(6)]
     assert c.bytes_per_step_mean == one

@@ -79,7 +79,7 @@ def _all_configs(rank: int) -> dict:
 @pytest.fixture(scope="module", params=[3, 4], ids=["3ranks", "4ranks"])
 def runs(request) -> tuple[int, list[dict]]:
     world = request.param
-    res, _ = run_ranks(_all_configs, world, deadline=60, pg_timeout=PG_TIMEOUT_S)
+    res, _ = run_ranks(_all_configs, world, deadline=180, pg_timeout=PG_TIMEOUT_S)
     out = [res[r] for r in range(world)]
     for r in out:
         assert "error" not in r, r.get("trace")
@@ -240,7 +240,7 @@ def _fault_cases(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def faults() -> list[dict]:
-    res, _ = run_ranks(_fault_cases, 3, deadline=60, pg_timeout=PG_TIMEOUT_S)
+    res, _ = run_ranks(_fault_cases, 3, deadline=180, pg_timeout=PG_TIMEOUT_S)
     for r in res.values():
         assert "error" not in r, r.get("trace")
     return [res[r] for r in range(3)]

@@ -8,7 +8,7 @@ digits data, at a seeded initialization, first d entries) with every registered 
 the real bytes, and measures:
 
   bits/coord    8 * len(payload body) / d (the message the paper counts: norm + code); the
-                full payload adds the header (16 bytes for a 1-D tensor, +8 with a seed), shown
+                full payload adds the header (18 bytes for a 1-D tensor, +8 with a seed), shown
                 in the "payload" column
   distortion    mean ||C(x) - x||^2 / ||x||^2 for biased compressors; omega/(omega+1) for
                 unbiased ones, i.e. the distortion of C/(omega+1), the scaled operator in

@@ -79,6 +79,18 @@ class UniformQuantizer(Compressor):
         """The encoder sends the smallest of its codes, so the dense code is the ceiling."""
         return header_size(1) + math.ceil(UniformQuantizer.body_bits(self, numel) / 8)
 
+    def _min_body_len(self, numel: int) -> int:
+        """Every mode starts with the mode byte and a float32 scale per bucket; without a
+        sparse or range mode, the symbols cost at least a bit per Huffman letter."""
+        head = 1 + 4 * fc.n_buckets(numel, self.bucket_size)
+        if self.entropy == "range" or type(self)._sparse_body is not UniformQuantizer._sparse_body:
+            return head
+        dense = math.ceil((8 * head + numel * self.width) / 8)
+        if self.entropy != "huffman" or self.levels > huffman.MAX_SYMBOLS:
+            return dense
+        per, size = self._huffman_alphabet
+        return min(dense, math.ceil((8 * head + 4 * size) / 8) + math.ceil(-(-numel // per) / 8))
+
     def _quantize(self, flat: torch.Tensor, gen: torch.Generator, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         return fc.scaled_quantize(flat, self.bucket_size, self.norm, self.gain, self.offset,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from gradpress.errors import NonFiniteGradientError, PayloadError
-from gradpress.payload import DTYPE_CODES, Payload, header_size
+from gradpress.payload import DTYPE_CODES, Payload, config_digest, header_size
 
 FLOAT_DTYPES = tuple(DTYPE_CODES)
 
@@ -104,7 +104,8 @@ class Compressor(ABC):
             gen = generator_for(seed, flat.device)
             body = self._encode(flat, gen, seed)
         return Payload(self.compressor_id, x.dtype, tuple(x.shape), body,
-                       seed=seed if self.shared_randomness else None)
+                       seed=seed if self.shared_randomness else None,
+                       config_digest=self.config_digest(tuple(x.shape)))
 
     def encode_decoded(self, x: torch.Tensor, *, seed: int = 0
                        ) -> tuple[Payload, torch.Tensor]:
@@ -117,7 +118,8 @@ class Compressor(ABC):
             if known is not None:
                 body, dec = known
                 payload = Payload(self.compressor_id, x.dtype, tuple(x.shape), body,
-                                  seed=seed if self.shared_randomness else None)
+                                  seed=seed if self.shared_randomness else None,
+                                  config_digest=self.config_digest(tuple(x.shape)))
                 return payload, check_decoded(dec, x.dtype).reshape(x.shape).to(x.dtype)
         payload = self.encode(x, seed=seed)
         return payload, self.decode(payload, device=x.device)
@@ -132,6 +134,7 @@ class Compressor(ABC):
                 raise PayloadError("payload of an empty tensor has a non-empty body")
             flat = torch.zeros(0, device=device)
         else:
+            self._check_body_len(len(payload.body), n)
             flat = self._decode(payload.body, n, payload.seed or 0, torch.device(device))
             if flat.shape != (n,):
                 raise PayloadError(f"decoded {tuple(flat.shape)} values, header declares {n}")
@@ -145,7 +148,63 @@ class Compressor(ABC):
         if payload.compressor_id != self.compressor_id:
             raise PayloadError(f"payload was made by compressor id {payload.compressor_id}, "
                                f"this is {self.name!r} (id {self.compressor_id})")
+        mine = self.config_digest(payload.shape)
+        if payload.config_digest != mine:
+            guess = self._guess_config(payload.config_digest, payload.shape)
+            seen = (f" (it matches {self.name}({', '.join(f'{k}={v!r}' for k, v in guess.items())})"
+                    ", a one-parameter change; a 2-byte digest can match by chance)"
+                    if guess is not None else "")
+            raise PayloadError(
+                f"payload's config digest 0x{payload.config_digest:04x} is not this "
+                f"decoder's 0x{mine:04x} for shape {payload.shape}: it was encoded by a "
+                f"{self.name} other than {self!r}{seen}; build the decoder with the "
+                "encoder's config(), or the header's shape was altered")
         return payload
+
+    def _guess_config(self, digest: int, shape: tuple[int, ...]) -> dict[str, Any] | None:
+        """The encoder's config when it differs from ours in one parameter with a common
+        value (error path only: ~200 digests, ~2 ms), else ``None``."""
+        common: list[Any] = [None, False, True, *range(1, 17), *(1 << k for k in range(5, 17)),
+                             0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 1.0 / 9.0, "l2",
+                             "linf", "fp16", "fp32", "range", "huffman"]
+        mine = self.config()
+        hits = []
+        for k, old in mine.items():
+            for v in common:
+                cfg = {**mine, k: v}
+                if (v != old or type(v) is not type(old)) and config_digest(
+                        self.name, cfg, shape) == digest:
+                    hits.append(cfg)
+        return hits[0] if len(hits) == 1 else None
+
+    def config_digest(self, shape: tuple[int, ...]) -> int:
+        """16-bit digest of ``name``, ``config()`` and ``shape``, written in every header."""
+        return config_digest(self.name, self.config(), shape)
+
+    def body_len_bounds(self, numel: int) -> tuple[int, int | None]:
+        """Smallest and largest body (bytes) a valid payload of ``numel`` elements has;
+        ``None``: no upper bound known. Fixed-length codes (``bits_rtol == 0``) have exactly
+        ``ceil(body_bits / 8)``; variable-length ones override :meth:`_min_body_len`."""
+        if self.bits_rtol == 0.0:
+            exact = math.ceil(self.body_bits(numel) / 8)
+            return exact, exact
+        hi = self.max_payload_bytes(numel)
+        return self._min_body_len(numel), None if hi is None else hi - header_size(1)
+
+    def _min_body_len(self, numel: int) -> int:
+        """A lower bound on the body of any valid ``numel``-element payload (variable-length
+        codes); 0 unless the subclass knows better."""
+        return 0
+
+    def _check_body_len(self, body_len: int, numel: int) -> None:
+        """Reject a body whose length no valid payload of ``numel`` elements has, before the
+        decoder allocates anything (a truncated body, extra bytes, or a header whose shape
+        lies, e.g. 2^30 elements over a few bytes)."""
+        lo, hi = self.body_len_bounds(numel)
+        if body_len < lo or (hi is not None and body_len > hi):
+            want = f"{lo}" if lo == hi else f"{lo}..{'' if hi is None else hi}"
+            raise PayloadError(f"{self.name} body has {body_len} bytes; a payload of {numel} "
+                               f"elements has {want}: truncated, extended, or a lying shape")
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         """``decode(encode(x))`` through real bytes, on ``x``'s device."""

@@ -17,7 +17,8 @@ exponents are sent as offsets from the smallest one in ``w = bitlen(e_max - e_mi
 **Natural dithering** (Sec. 4, Def. 5 with ``p = 2``): per bucket ``v`` of ``n`` coordinates,
 ``u_i = |v_i| / ||v||_2`` is rounded stochastically between neighbouring levels of
 ``{0, 2^(1-s), 2^(2-s), ..., 1/2, 1}``, then scaled back with the sign. Unbiased with
-``omega = 1/8 + sqrt(n) 2^(1-s) min(1, sqrt(n) 2^(1-s))`` (Thm 7). Bits: a mode byte, a
+``omega = 1/8 + min(t^2/4, t)``, ``t = sqrt(n) 2^(1-s)`` (Thm 7 states the looser
+``1/8 + t min(1, t)``; the derivation is in ``NaturalDithering.omega``). Bits: a mode byte, a
 float32 norm per bucket and the signed level index in ``ceil(log2(2s+1))`` bits:
 ``8 + 32*#buckets + d*ceil(log2(2s+1))``.
 """
@@ -36,6 +37,7 @@ from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
 from gradpress.errors import PayloadError
 from gradpress.kernels import quantize as fc
+from gradpress.payload import header_size
 
 
 @register
@@ -59,6 +61,14 @@ class NaturalCompression(Compressor):
 
     def body_bits(self, d: int) -> float:
         return float(9 * d + (16 if self.exponent_range else 0))
+
+    def max_payload_bytes(self, numel: int) -> int:
+        """``exponent_range``'s width is at most 8 bits, so ``16 + 9d`` is the ceiling."""
+        return header_size(1) + math.ceil(self.body_bits(numel) / 8)
+
+    def _min_body_len(self, numel: int) -> int:
+        """``exponent_range``: the 2-byte range header and at least 1 + 1 bits a value."""
+        return math.ceil((16 + 2 * numel) / 8)
 
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         e8, neg = self._round_exponents(flat, gen)
@@ -142,8 +152,14 @@ class NaturalDithering(UniformQuantizer):
         return {"s": self.s, "bucket_size": self.bucket_size}
 
     def omega(self, d: int) -> float:
+        """``1/8 + min(t^2/4, t)``, ``t = sqrt(n) 2^(1-s)``: tighter than Thm 7's
+        ``1/8 + t min(1, t)``. Per coordinate (``u = |v_i|/||v||``, smallest level
+        ``delta = 2^(1-s)``): above ``delta`` the variance is ``<= u^2/8``; below it,
+        ``u (delta - u) <= min(delta^2/4, u delta)``; summed, ``<= 1/8 + min(n delta^2/4,
+        delta sqrt(n))``. Thm 7's form was 4x loose in its second term (2x overall at the
+        defaults: 0.25 declared, 0.117 measured at worst)."""
         t = math.sqrt(self._bucket_len(d)) * 2.0 ** (1 - self.s)
-        return 1.0 / 8.0 + t * min(1.0, t)
+        return 1.0 / 8.0 + min(t * t / 4.0, t)
 
     def _quantize(self, flat: torch.Tensor, gen: torch.Generator, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:

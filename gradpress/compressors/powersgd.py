@@ -103,7 +103,8 @@ class PowerSGD(Compressor):
                 w.write_float32(p.cpu().numpy())
                 w.write_float32(q.cpu().numpy())
             body = w.getvalue()
-        return Payload(self.compressor_id, x.dtype, shape, body)
+        return Payload(self.compressor_id, x.dtype, shape, body,
+                       config_digest=self.config_digest(shape))
 
     def _factors(self, m: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = generator_for(seed, "cpu")
@@ -123,6 +124,10 @@ class PowerSGD(Compressor):
             if payload.body:
                 raise PayloadError("payload of an empty tensor has a non-empty body")
             return torch.zeros(shape, device=device, dtype=payload.dtype)
+        want = math.ceil(self.body_bits(n, shape) / 8)
+        if len(payload.body) != want:
+            raise PayloadError(f"powersgd body has {len(payload.body)} bytes, a {shape} "
+                               f"payload has {want}: truncated, extended, or a lying shape")
         r = BitReader(payload.body)
         if self.is_raw(shape):
             out = torch.from_numpy(self._finite(r.read_float32(n))).to(device)

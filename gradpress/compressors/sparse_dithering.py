@@ -32,7 +32,7 @@ empirical distribution of ``u``; by Lagrangian duality its worst case over all `
 exceeds ``40 + 1.5862 d + 1.56 d`` body bits (3.15 d), inside the paper's
 ``30 + log2 d + 3.35 d`` for every ``d >= 30``.
 
-**Bits (the body; the 16-byte payload header of a 1-D tensor comes on top and is not part of
+**Bits (the body; the 18-byte payload header of a 1-D tensor comes on top and is not part of
 the paper's count, which assumes ``d`` known).**
 
     scale   32    float32 (randomized: ``delta``; deterministic: the least-squares scale)
@@ -80,6 +80,12 @@ from gradpress.kernels.level_codec import (
 
 #: Grid multipliers ``r`` tried by the deterministic encoder (stops at the first infeasible).
 _STEPS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.3, 2.6, 3.0, 3.5, 4.0, 5.0)
+
+
+def _min_body_len(d: int, entropy: bool) -> int:
+    """Lower bound on a body: the float32 scale and the mode bit, then (unary mode, the only
+    one without ``entropy``) the trits; a range-coded body can be a few bytes."""
+    return 5 if entropy else (33 + trit_bits(d)) // 8
 
 
 def _unary_cost(d: int, k: torch.Tensor) -> int:
@@ -194,6 +200,9 @@ class SparseDithering(Compressor):
         w = (worst_case_levels(self.nu) * d if self.nu is not None
              else self.levels * math.sqrt(d) + d / 2)
         return float(40 + trit_bits(d) + w)
+
+    def _min_body_len(self, numel: int) -> int:
+        return _min_body_len(numel, self.entropy)
 
     def paper_bound_bits(self, d: int) -> float:
         """The paper's worst-case statement for ``nu = 1/10``: ``30 + log2 d + 3.35 d``."""
@@ -310,6 +319,9 @@ class SparseDitheringRand(Compressor):
         if d == 0:
             return 0.0
         return float(40 + trit_bits(d) + d / (2 * math.sqrt(self.omega_)))
+
+    def _min_body_len(self, numel: int) -> int:
+        return _min_body_len(numel, self.entropy)
 
     def paper_bound_bits(self, d: int) -> float:
         """The paper's ``30 + log2 d + (log2 3 + 1/(2 sqrt omega)) d`` (in expectation)."""

@@ -130,6 +130,11 @@ class TopK(_Sparsifier):
         idx = k * min(_index_width(d), 2 * math.log2(d / k) + 1)
         return float(self.value_bits * k + 1 + idx)
 
+    def _min_body_len(self, numel: int) -> int:
+        """The ``k`` values, the index-code flag and at least one bit an index."""
+        k = self.k_for(numel)
+        return (self.value_bits * k + 1 + k) // 8 if k else 0
+
     def max_payload_bytes(self, numel: int) -> int:
         """The encoder sends the smaller of its two index codes, so the fixed-width one is
         the ceiling."""

@@ -99,6 +99,10 @@ class SphericalCompression(Compressor):
         nb = -(-d // self.block_size)
         return float(32 + 40 + nb * (self.bits + GAIN_BITS))
 
+    def _min_body_len(self, numel: int) -> int:
+        """The 32-bit gain offset; the range-coded gains of all-zero blocks can be tiny."""
+        return 4
+
     # -- shared randomness --------------------------------------------------------------
     def codebook(self, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The ``2^(b-1) x n`` unit directions ``v_j`` drawn from ``seed`` (float32)."""

@@ -178,6 +178,7 @@ class CompressionState:
     def uses_allreduce(self) -> bool:
         """Whether buckets are all-reduced in the wire dtype (fp16/bf16, no feedback)."""
         return (self.allreduce_fast_path and self.compressor.name in ("fp16", "bf16")
+                and not getattr(self.compressor, "scaled", False)  # a plain cast only
                 and isinstance(self.feedback, NoFeedback) and self.on_nonfinite == "raise")
 
     def _step(self) -> StepBytes:
