@@ -52,7 +52,8 @@ model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 model, opt, loader = accelerator.prepare(model, opt, loader)
 
-state = CompressionState(None, compressor=gradpress.get("ecq", bits=2),
+state = CompressionState(None, compressor=gradpress.get("ecq", bits=2, norm="linf",
+                                                         bucket_size=512),
                          feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9))
 if isinstance(model, DDP):  # a single process has no DDP wrapper and nothing to send
     model.register_comm_hook(state, compression_hook)

@@ -51,7 +51,7 @@ model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReL
 for layer in (model[0], model[2]):
     fully_shard(layer)
 fully_shard(model)
-kw = {"bits": 2} if args.compressor == "ecq" else {}
+kw = {"bits": 2, "norm": "linf", "bucket_size": 512} if args.compressor == "ecq" else {}
 comms = gradpress.fsdp.register(
     model, compressor=gradpress.get(args.compressor, **kw),
     feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9) if args.feedback else None)

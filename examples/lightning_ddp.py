@@ -68,7 +68,8 @@ def main() -> None:
     x, y = load_digits(return_X_y=True)
     data = TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32)[:1500],
                          torch.tensor(y)[:1500])
-    state = CompressionState(None, compressor=gradpress.get("ecq", bits=2),
+    state = CompressionState(None, compressor=gradpress.get("ecq", bits=2, norm="linf",
+                                                         bucket_size=512),
                              feedback=gradpress.ECQFeedback(alpha=0.5, beta=0.9))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(
         process_group_backend="gloo", start_method="popen"), max_steps=args.steps,
