@@ -55,8 +55,12 @@ def linear_figure(ds: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("loss f(w)" + ("  (dotted: f*)" if f_star is not None else ""))
         hi = max(c["loss"][0] for c in ds["curves"]) * 1.5
         ax.set_ylim(floor * 0.98, hi)
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("||w - w*||" if f_star is not None else "||w - w*|| (not solved)")
+    if f_star is not None:
+        axes[1].set_yscale("log")
+    else:
+        axes[1].text(0.5, 0.5, "exact optimum not solved\nat this size", ha="center",
+                     va="center", transform=axes[1].transAxes)
+    axes[1].set_ylabel("||w - w*||")
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("iteration")
     axes[2].set_xscale("log")
