@@ -241,11 +241,13 @@ def test_ecq_linear_quick_table_ratios_are_payload_byte_ratios(tmp_path, capsys)
     assert ecq["body_bytes_per_step"] <= (8 + 32 + 256 * 4) / 8  # at most the dense code
     assert ecq["body_ratio"] > 8  # smaller than the dense code (8x) on a 256-d gradient
 
-    assert main(["reproduce", "--results", str(tmp_path.parent)]) == 1  # not where it looks
-    (tmp_path.parent / "ecq-linear").mkdir(exist_ok=True)
-    (tmp_path.parent / "ecq-linear" / "ecq_linear.json").write_text(json.dumps(res))
+    results = tmp_path / "results"
+    results.mkdir()
+    assert main(["reproduce", "--results", str(results)]) == 1  # nothing there yet
+    (results / "ecq-linear").mkdir()
+    (results / "ecq-linear" / "ecq_linear.json").write_text(json.dumps(res))
     capsys.readouterr()
-    assert main(["reproduce", "--results", str(tmp_path.parent)]) == 0
+    assert main(["reproduce", "--results", str(results)]) == 0
     table = capsys.readouterr().out
     assert "syn-256" in table and res["command"] in table
     assert f"{ecq['body_ratio']:.1f}x body" in table
