@@ -49,7 +49,7 @@ def _steps(sim: Simulation, comp, fb, w: torch.Tensor, gen: torch.Generator, t0:
         idx = torch.randint(sim.m, (sim.P, sim.batch_size), generator=gen)
         g = sim.worker_grads(w, idx)
         v = fb.to_send("w", g)
-        sent, _ = sim._exchange(comp, v, t)
+        sent, *_ = sim._exchange(comp, v, t)
         fb.commit("w", g, sent)
         w = w - LR * fb.apply("w", sent.mean(dim=0))
     return w

@@ -180,3 +180,74 @@ def test_theory_step_shrinks_with_compressor_variance():
 
     assert theory_step(sim, gradpress.get("fp32"), "none") == pytest.approx(1.0 / L)
     assert theory_step(sim, gradpress.get("qsgd", s=1), "none") < 1.0 / L
+
+
+def test_window_batches_are_views_with_the_gathered_gradient():
+    pr = synthetic_linear(n=120, d=6, seed=2, dtype=np.float32)
+    blocks = Simulation(pr, split(pr.n, 4, "blocks"), batch_size=7, batches="window")
+    scattered = Simulation(pr, split(pr.n, 4, seed=1), batch_size=7, batches="window")
+    assert blocks._blocks and not scattered._blocks
+    w = torch.randn(6)
+    starts = torch.tensor([0, 10, 25, 28])  # 25 and 28 wrap around a shard of 30
+    idx = (starts[:, None] + torch.arange(7)) % 30
+    np.testing.assert_allclose(blocks.window_grads(w, starts).numpy(),
+                               blocks.worker_grads(w, idx).numpy(), rtol=1e-5, atol=1e-5)
+    # every row of a shard is in exactly b of its m windows: the window gradient is unbiased
+    all_starts = torch.arange(30)
+    mean = torch.stack([blocks.window_grads(w, torch.full((4,), int(s))) for s in all_starts])
+    np.testing.assert_allclose(mean.mean(0).numpy(), blocks.worker_grads(w, None).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    c = blocks.run(Method("fp32", "fp32"), iters=20, lr=0.05, progress=False)
+    assert c.loss[-1] < c.loss[0]
+    with pytest.raises(ValueError):
+        Simulation(pr, split(pr.n, 4, "blocks"), batch_size=31, batches="window")
+
+
+def test_ecq_linear_quick_table_ratios_are_payload_byte_ratios(tmp_path, capsys):
+    """The quick form of `gradpress simulate ecq-linear` on Syn-256: every ratio in its table
+    is full precision's bytes over the method's, both from real payload lengths."""
+    import json
+
+    from gradpress.cli import main
+    from gradpress.payload import header_size
+
+    iters = 20
+    assert main(["simulate", "ecq-linear", "--quick", "--dims", "256", "--iters", str(iters),
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "ecq_linear.json").read_text())
+    assert res["command"].startswith("gradpress simulate ecq-linear --quick")
+    ds = res["datasets"][0]
+    curves = {c["label"]: c for c in ds["curves"]}
+    rows = {r["label"]: r for r in ds["summary"]}
+    assert list(rows) == ["32Bit-FP", "QSGD s=4 l2", "ECQ-SGD s=4 l2", "ECQ-SGD s=4 l-inf",
+                          "1Bit-SGD (sign + EF)"]
+    fp, fp_row = curves["32Bit-FP"], rows["32Bit-FP"]
+    assert fp["body_bytes_per_step_mean"] == 4 * 256
+    assert fp["bytes_per_step_mean"] == header_size(1) + 4 * 256
+    for label, c in curves.items():
+        r = rows[label]
+        assert c["bytes_per_step_mean"] == pytest.approx(np.mean(c["bytes_per_worker_total"])
+                                                         / iters)
+        assert c["bytes_per_step_mean"] - c["body_bytes_per_step_mean"] == header_size(1)
+        assert r["compression_ratio"] == pytest.approx(fp["bytes_per_step_mean"]
+                                                       / c["bytes_per_step_mean"])
+        assert r["body_ratio"] == pytest.approx(fp["body_bytes_per_step_mean"]
+                                                / c["body_bytes_per_step_mean"])
+        assert r["rel_loss_gap"] == pytest.approx(
+            (r["final_loss"] - fp_row["final_loss"]) / fp_row["final_loss"])
+        assert f"{r['body_ratio']:.1f}" in out and f"{r['compression_ratio']:.1f}" in out
+    ecq = rows["ECQ-SGD s=4 l2"]
+    assert ecq["body_bytes_per_step"] <= (8 + 32 + 256 * 4) / 8  # at most the dense code
+    assert ecq["body_ratio"] > 8  # smaller than the dense code (8x) on a 256-d gradient
+
+    results = tmp_path / "results"
+    results.mkdir()
+    assert main(["reproduce", "--results", str(results)]) == 1  # nothing there yet
+    (results / "ecq-linear").mkdir()
+    (results / "ecq-linear" / "ecq_linear.json").write_text(json.dumps(res))
+    capsys.readouterr()
+    assert main(["reproduce", "--results", str(results)]) == 0
+    table = capsys.readouterr().out
+    assert "syn-256" in table and res["command"] in table
+    assert f"{ecq['body_ratio']:.1f}x body" in table

@@ -5,10 +5,13 @@ every bit count is len(payload.to_bytes()). Each experiment writes PNG plots and
 every curve under --out (default results/simulate/<experiment>) and prints a summary.
 
 Experiments:
-  ecq-linear    ECQ-SGD paper (Wu et al., ICML 2018) Sec. 6.1: Syn-256/512/1024 least
-                squares, lr 0.02, QSGD vs ECQ-SGD (l2 scaling, s=4 and s=2), the l-inf
-                ternary quantizer, 1-bit SGD with error feedback, full precision. Prints the
-                largest compression ratio at which ECQ-SGD's final loss is within
+  ecq-linear    ECQ-SGD paper (Wu et al., ICML 2018) Sec. 6.1: Syn-256/512/1024 (10k
+                samples) and Syn-20K (50k samples of 20k features, 4 GB as float32)
+                least squares: full precision, QSGD, ECQ-SGD with the l2 and the l-inf
+                scale (s levels), 1-bit SGD with error feedback. Prints per data set the
+                compression ratio from the real payloads (body bits, the paper's count, and
+                whole payloads), final loss, gap to full precision and the paper's
+                statement, and the largest ratio at which ECQ-SGD's final loss is within
                 --match-tol of full precision's.
   alpha-beta    ECQ-SGD's final loss over a grid of alpha (compensation coefficient) and
                 beta (time-decaying factor), as a heat map.
@@ -19,10 +22,13 @@ Experiments:
 Compressors not registered yet are skipped with a note.
 
 Examples:
-  gradpress simulate ecq-linear                       # ~3 min on 2 cores
+  gradpress simulate ecq-linear                       # ~14 min on 2 busy cores, 5 GB
+  gradpress simulate ecq-linear --dims 20000 --samples 25000 --iters 200   # a quicker 20K
+  gradpress simulate ecq-linear --dims 20000 --batch-size 0 --lr 0.01 \
+      --methods "fp32,ecq:s=8+ecq:alpha=0.06;beta=1.0"  # full local gradients: ~100x
   gradpress simulate alpha-beta --iters 300
   gradpress simulate optimal-real --split noniid --workers 16
-  gradpress simulate ecq-linear --quick               # seconds: a smoke run
+  gradpress simulate ecq-linear --quick               # ~1 min: a smoke run
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ def _common(p: argparse.ArgumentParser, iters: int) -> None:
     p.add_argument("--workers", type=int, default=8, help="simulated workers P (default 8)")
     p.add_argument("--iters", type=int, default=None,
                    help=f"iterations per run (default {iters}; --quick: a few dozen)")
-    p.add_argument("--split", choices=("iid", "noniid"), default="iid",
-                   help="how rows are dealt to workers (noniid: sorted by label/target)")
+    p.add_argument("--split", choices=("iid", "noniid", "blocks"), default="iid",
+                   help="how rows are dealt to workers (noniid: sorted by label/target; "
+                        "blocks: consecutive rows, ecq-linear's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a small, fast run (fewer workers, iterations, data sets)")
@@ -61,16 +68,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     p = sub.add_parser("ecq-linear", help="ECQ-SGD paper, Syn-d least squares")
     _common(p, 1000)
-    p.add_argument("--dims", default="256,512,1024", help="Syn-d dimensions (default: "
+    p.set_defaults(split="blocks")  # Syn-d rows are i.i.d.: mini-batch windows are views
+    p.add_argument("--dims", default="256,512,1024,20000", help="Syn-d dimensions (default: "
                    "%(default)s, the paper's)")
-    p.add_argument("--samples", type=int, default=10_000, help="rows (paper: 10k)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="rows of every data set (default: the paper's, 10k; 50k for Syn-20K; "
+                        "--quick: 2000)")
+    p.add_argument("--s", type=int, default=4, help="quantization levels (paper: 4)")
     p.add_argument("--noise", type=float, default=1.0, help="std of the label noise")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per worker per step")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="rows per worker per step (0: each worker's whole shard, i.e. "
+                        "distributed gradient descent)")
     p.add_argument("--lr", type=float, default=0.02, help="learning rate (paper: 0.02)")
-    p.add_argument("--alpha", type=float, default=0.2, help="ECQ compensation coefficient")
-    p.add_argument("--beta", type=float, default=0.95, help="ECQ time-decaying factor")
+    p.add_argument("--alpha", type=float, default=0.2,
+                   help="ECQ compensation coefficient (default: ECQFeedback's)")
+    p.add_argument("--beta", type=float, default=0.95,
+                   help="ECQ time-decaying factor (default: ECQFeedback's)")
     p.add_argument("--match-tol", type=float, default=0.01,
                    help="relative final-loss gap counted as matching full precision")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated name[:k=v;...][+feedback[:k=v;...]] specs instead "
+                        "of the default five, fp32 first (e.g. a frontier: "
+                        "'fp32,ecq:s=8+ecq:alpha=0.05;beta=1')")
     p = sub.add_parser("alpha-beta", help="ECQ-SGD alpha/beta sensitivity heat map")
     _common(p, 300)
     p.add_argument("--alphas", default="0,0.1,0.2,0.3,0.5,0.7,1", help="alpha grid")
@@ -115,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, name: str, res: dict[str, Any]) -> Path:
+    """``<out>/<name>.json`` with the command line that made it (``res["command"]``)."""
+    import shlex
+
+    res["command"] = "gradpress " + shlex.join(getattr(args, "_argv", ["simulate", name]))
     path = args.out / f"{name}.json"
     path.write_text(json.dumps(_clean(res), indent=1, default=str, allow_nan=False))
     return path
@@ -146,29 +169,43 @@ def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
+ECQ_COLS = [("label", "method", "s"), ("body_bytes_per_step", "body bytes/step", ".1f"),
+            ("body_ratio", "ratio (body)", ".1f"), ("compression_ratio", "ratio (payload)", ".1f"),
+            ("final_loss", "final loss", ".5g"), ("rel_loss_gap", "gap vs fp32", "+.2%"),
+            ("paper", "the paper says", "s")]
+
+
 def _ecq_linear(args: argparse.Namespace, progress: bool) -> int:
-    from gradpress.sim.experiments import ecq_linear
+    from gradpress.sim.experiments import ecq_linear, paper_samples, parse_method
     from gradpress.sim.plots import linear_figure
 
     dims = [int(x) for x in args.dims.split(",") if x.strip()]
     workers, iters, samples = args.workers, args.iters or 1000, args.samples
-    if args.quick:
-        dims, workers, iters, samples = dims[:1], min(workers, 4), args.iters or 60, 2000
+    if args.quick:  # Syn-256/512/1024 shrunk: 2000 rows, 4 workers, 60 iterations
+        small = [d for d in dims if d <= 1024] or dims[:1]
+        if len(small) < len(dims):
+            print(f"--quick skips Syn-{', Syn-'.join(str(d) for d in dims if d > 1024)} "
+                  "(2000 rows of 20k features are not a least-squares problem worth a "
+                  "smoke run; try --dims 20000 --samples 25000 --iters 200)")
+        dims, workers, iters = small, min(workers, 4), args.iters or 60
+        samples = samples or 2000
     res = ecq_linear(dims, samples=samples, noise=args.noise, workers=workers,
-                     batch_size=args.batch_size, lr=args.lr, iters=iters, alpha=args.alpha,
-                     beta=args.beta, how=args.split, seed=args.seed,
-                     match_tol=args.match_tol, progress=progress)
-    cols = [("label", "method", "s"), ("bytes_per_step", "bytes/step/worker", ".1f"),
-            ("compression_ratio", "ratio vs fp32", ".1f"), ("final_loss", "final loss", ".5f"),
-            ("rel_loss_gap", "gap vs fp32", "+.2%"), ("final_dist", "||w-w*||", ".3f")]
+                     batch_size=args.batch_size or None, lr=args.lr, iters=iters, alpha=args.alpha,
+                     beta=args.beta, s=args.s, how=args.split, seed=args.seed,
+                     match_tol=args.match_tol, progress=progress,
+                     methods=[parse_method(m) for m in args.methods.split(",") if m.strip()]
+                     if args.methods else None)
     for ds in res["datasets"]:
         linear_figure(ds, args.out / f"ecq_linear_{ds['name']}.png")
-        print(f"\n{ds['name']} (f* = {ds['f_star']:.5f}, P={workers}, {iters} iterations)")
-        print(_table(ds["summary"], cols))
+        star = f"f* = {ds['f_star']:.5f}" if ds["f_star"] is not None else "f* not solved"
+        paper = " (the paper's)" if ds["samples"] == paper_samples(ds["d"]) else ""
+        print(f"\n{ds['name']} ({ds['samples']} samples{paper}, {star}, P={workers}, "
+              f"{iters} iterations, {ds['seconds']:.0f} s)")
+        print(_table(ds["summary"], ECQ_COLS))
         m = ds["match"]
         print(f"ECQ-SGD within {args.match_tol:.0%} of full precision's final loss at "
-              + (f"{m['compression_ratio']:.1f}x fewer bits ({m['label']})" if m else
-                 "no tested compression ratio"))
+              + (f"{m['body_ratio']:.1f}x fewer body bits, {m['compression_ratio']:.1f}x "
+                 f"fewer payload bits ({m['label']})" if m else "no tested compression ratio"))
     path = _write(args, "ecq_linear", res)
     print(f"wrote {args.out}/ecq_linear_*.png and {path}")
     return 0

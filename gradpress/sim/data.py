@@ -8,7 +8,10 @@ over exactly these rows):
 * ``"iid"``: a seeded random permutation cut into ``P`` equal shards;
 * ``"noniid"``: rows sorted by ``key`` (the label or the regression target; ties broken by
   a seeded shuffle), then cut into contiguous shards, so each worker sees a narrow slice of
-  the labels: the heterogeneous regime of federated learning.
+  the labels: the heterogeneous regime of federated learning;
+* ``"blocks"``: consecutive rows in storage order, ``m`` per worker: an i.i.d. split when
+  the rows are i.i.d. draws (synthetic data), and one the simulator can slice without
+  copying (mini-batch windows are views of ``X``).
 
 Bits: none.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SPLITS = ("iid", "noniid")
+SPLITS = ("iid", "noniid", "blocks")
 
 
 def split(n: int, workers: int, how: str = "iid", key: np.ndarray | None = None,
@@ -29,6 +32,9 @@ def split(n: int, workers: int, how: str = "iid", key: np.ndarray | None = None,
         raise ValueError(f"cannot split {n} rows across {workers} workers")
     if how not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {how!r}")
+    m = n // workers
+    if how == "blocks":
+        return np.arange(m * workers).reshape(workers, m)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     if how == "noniid":
@@ -38,5 +44,4 @@ def split(n: int, workers: int, how: str = "iid", key: np.ndarray | None = None,
         if key.shape[0] != n:
             raise ValueError(f"key has {key.shape[0]} entries for {n} rows")
         perm = perm[np.argsort(key[perm], kind="stable")]
-    m = n // workers
     return perm[: m * workers].reshape(workers, m)

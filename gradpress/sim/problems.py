@@ -10,8 +10,11 @@ Objectives over ``n`` rows ``(x_i, y_i)`` (the rows the workers actually hold):
 
 Smoothness ``L = lambda_max(X^T X / n) + lam`` (``/4`` on the data term for logistic).
 Data: ``synthetic_linear`` is the ECQ-SGD paper's Syn-d set (Wu et al. 2018, Sec. 6.1:
-``y_i = w*^T x_i + eps_i``, ``eps`` i.i.d. noise, 10k samples); ``real_dataset`` loads the
-data sets bundled with scikit-learn (no download), standardized, with a bias column.
+``y_i = w*^T x_i + eps_i``, ``eps`` i.i.d. noise, 10k samples; Syn-20K: 50k samples of 20k
+features, 4 GB as float32); ``real_dataset`` loads the data sets bundled with scikit-learn
+(no download), standardized, with a bias column. ``X`` is kept as float64, or as float32
+when given so (large problems): losses are then accumulated in float64 over float32
+products, and the exact optimum is solved in float64 only where it fits (``optimum_fits``).
 Bits: none (no communication here).
 """
 
@@ -23,6 +26,8 @@ import numpy as np
 import torch
 
 KINDS = ("least_squares", "ridge", "logistic")
+#: Largest ``n*d`` whose optimum is solved exactly (a float64 copy of ``X``: 400 MB).
+EXACT_OPTIMUM_MAX = 50_000_000
 
 
 def _logsig_neg(z: np.ndarray) -> np.ndarray:
@@ -34,8 +39,8 @@ def _logsig_neg(z: np.ndarray) -> np.ndarray:
 class Problem:
     """A finite-sum problem ``f(w) = 1/n sum_i f_i(w)`` with float64 reference data.
 
-    ``X`` is ``(n, d)``, ``y`` is ``(n,)`` (``{-1, +1}`` for logistic); ``lam`` the l2
-    weight (0 for least squares).
+    ``X`` is ``(n, d)`` float64 (or float32, kept as given), ``y`` is ``(n,)`` float64
+    (``{-1, +1}`` for logistic); ``lam`` the l2 weight (0 for least squares).
     """
 
     name: str
@@ -48,7 +53,8 @@ class Problem:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"problem kind must be one of {KINDS}, got {self.kind!r}")
-        self.X = np.ascontiguousarray(self.X, dtype=np.float64)
+        dtype = np.float32 if np.asarray(self.X).dtype == np.float32 else np.float64
+        self.X = np.ascontiguousarray(self.X, dtype=dtype)
         self.y = np.ascontiguousarray(self.y, dtype=np.float64).reshape(-1)
         if self.X.ndim != 2 or self.X.shape[0] != self.y.shape[0] or self.X.shape[0] == 0:
             raise ValueError(f"X must be (n, d) and y (n,), got {self.X.shape}, {self.y.shape}")
@@ -66,14 +72,31 @@ class Problem:
         return self.X.shape[1]
 
     def subset(self, rows: np.ndarray) -> Problem:
-        """The same problem on the given rows (e.g. those the workers hold)."""
+        """The same problem on the given rows (e.g. those the workers hold); ``self`` when
+        they are every row once (the objective is a mean: row order does not matter)."""
         rows = np.asarray(rows).reshape(-1)
+        if rows.size == self.n and np.array_equal(np.sort(rows), np.arange(self.n)):
+            return self
         return Problem(self.name, self.kind, self.X[rows], self.y[rows], self.lam)
 
+    @property
+    def optimum_fits(self) -> bool:
+        """Whether :meth:`optimum` is cheap enough to solve (``n*d <= EXACT_OPTIMUM_MAX``)."""
+        return self.n * self.d <= EXACT_OPTIMUM_MAX
+
+    def _X64(self) -> np.ndarray:
+        return self.X if self.X.dtype == np.float64 else self.X.astype(np.float64)
+
     # -- float64 reference ------------------------------------------------------------
+    def _margins(self, w: np.ndarray) -> np.ndarray:
+        """``X w`` in float64 (float32 products for float32 ``X``: one pass, no copy)."""
+        if self.X.dtype == np.float64:
+            return self.X @ w
+        return (self.X @ w.astype(np.float32)).astype(np.float64)
+
     def loss(self, w: np.ndarray | torch.Tensor) -> float:
         w = _np64(w)
-        z = self.X @ w
+        z = self._margins(w)
         reg = 0.5 * self.lam * float(w @ w)
         if self.kind == "logistic":
             return float(np.mean(_logsig_neg(self.y * z))) + reg
@@ -82,12 +105,13 @@ class Problem:
 
     def grad(self, w: np.ndarray | torch.Tensor) -> np.ndarray:
         w = _np64(w)
-        z = self.X @ w
+        z = self._margins(w)
         if self.kind == "logistic":
             coef = -self.y / (1.0 + np.exp(np.clip(self.y * z, -700, 700)))
         else:
             coef = z - self.y
-        return self.X.T @ coef / self.n + self.lam * w
+        g = (self.X.T @ coef.astype(self.X.dtype)).astype(np.float64)
+        return g / self.n + self.lam * w
 
     def hessian(self, w: np.ndarray | torch.Tensor) -> np.ndarray:
         w = _np64(w)
@@ -96,21 +120,24 @@ class Problem:
             D = s * (1.0 - s)
         else:
             D = np.ones(self.n)
-        return (self.X.T * D) @ self.X / self.n + self.lam * np.eye(self.d)
+        X = self._X64()
+        return (X.T * D) @ X / self.n + self.lam * np.eye(self.d)
 
     def smoothness(self) -> float:
         """``L``: the largest eigenvalue bound of the Hessian."""
-        top = float(np.linalg.eigvalsh(self.X.T @ self.X / self.n)[-1])
+        X = self._X64()
+        top = float(np.linalg.eigvalsh(X.T @ X / self.n)[-1])
         return (top / 4.0 if self.kind == "logistic" else top) + self.lam
 
     def optimum(self) -> tuple[np.ndarray, float]:
         """``(w*, f*)`` in float64: closed form for least squares/ridge, Newton for logistic."""
         if self._opt is None:
             if self.kind == "least_squares":
-                w = np.linalg.lstsq(self.X, self.y, rcond=None)[0]
+                w = np.linalg.lstsq(self._X64(), self.y, rcond=None)[0]
             elif self.kind == "ridge":
-                A = self.X.T @ self.X / self.n + self.lam * np.eye(self.d)
-                w = np.linalg.solve(A, self.X.T @ self.y / self.n)
+                X = self._X64()
+                A = X.T @ X / self.n + self.lam * np.eye(self.d)
+                w = np.linalg.solve(A, X.T @ self.y / self.n)
             else:
                 w = self._newton()
             self._opt = (w, self.loss(w))
@@ -150,15 +177,28 @@ def _np64(w: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def synthetic_linear(n: int = 10_000, d: int = 256, noise: float = 1.0, seed: int = 0,
-                     kind: str = "least_squares", lam: float = 0.0) -> Problem:
+                     kind: str = "least_squares", lam: float = 0.0,
+                     dtype: type = np.float64) -> Problem:
     """The ECQ-SGD paper's Syn-d: ``x_i ~ N(0, I_d)``, ``w* ~ N(0, I_d)``,
-    ``y_i = w*^T x_i + eps_i`` with ``eps_i ~ N(0, noise^2)`` i.i.d. (seeded)."""
+    ``y_i = w*^T x_i + eps_i`` with ``eps_i ~ N(0, noise^2)`` i.i.d. (seeded). With
+    ``dtype=np.float32``, ``X`` is drawn directly in float32 (``4 n d`` bytes, no float64
+    copy: Syn-20K's 50k x 20k is 4 GB) and ``y`` accumulated in float64 over row blocks."""
     if n < 1 or d < 1:
         raise ValueError(f"need n, d >= 1, got n={n}, d={d}")
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    w_true = rng.standard_normal(d)
-    y = X @ w_true + noise * rng.standard_normal(n)
+    if dtype == np.float64:
+        X = rng.standard_normal((n, d))
+        w_true = rng.standard_normal(d)
+        y = X @ w_true + noise * rng.standard_normal(n)
+    elif dtype == np.float32:
+        X = rng.standard_normal((n, d), dtype=np.float32)
+        w_true = rng.standard_normal(d)
+        y = np.empty(n)
+        for i in range(0, n, 4096):
+            y[i:i + 4096] = X[i:i + 4096].astype(np.float64) @ w_true
+        y += noise * rng.standard_normal(n)
+    else:
+        raise ValueError(f"dtype must be np.float64 or np.float32, got {dtype!r}")
     return Problem(f"syn-{d}", kind, X, y, lam)
 
 
