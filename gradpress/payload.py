@@ -31,6 +31,7 @@ e.g. top-k against rand-k never relies on the digest. Decoding cost: one 8-us ha
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -87,10 +88,7 @@ class Payload:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def __len__(self) -> int:
         """Size in bytes of the serialized payload (the only size gradpress reports)."""
@@ -160,10 +158,7 @@ class PayloadHeader:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def size(self) -> int:
@@ -201,9 +196,7 @@ def read_header(data: bytes | bytearray | memoryview) -> PayloadHeader:
     pos = _FIXED
     shape = struct.unpack_from(f"<{ndim}I", view, pos)
     pos += 4 * ndim
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise PayloadError(f"header declares {numel} elements, more than the limit "
                            f"{MAX_NUMEL}")
