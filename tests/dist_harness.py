@@ -22,6 +22,35 @@ PG_TIMEOUT_S = 5
 HARD_DEADLINE_S = 120
 
 
+_WARM = False
+
+
+def warm_serial_kernels() -> None:
+    """Compile (or load from numba's on-disk cache) every compressor's *serial* kernel builds
+    once in this process before the first ranks are spawned. The ranks run one torch thread,
+    so they use the serial builds, which the 2-thread test process never touches; on a fresh
+    clone the first 3-4 spawned ranks would otherwise all compile the same kernels at once,
+    on 2 cores, while their peers wait inside a collective."""
+    global _WARM
+    if _WARM:
+        return
+    _WARM = True
+    import gradpress
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(3000, generator=torch.Generator().manual_seed(0))
+        for name in gradpress.available():
+            try:
+                comp = gradpress.get(name)
+                comp.decode(comp.encode(x, seed=1))
+            except Exception:  # noqa: BLE001 - a warm-up only; the tests report real errors
+                continue
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_ranks(target, world: int, *args, expect: list[int] | None = None,
               deadline: float = HARD_DEADLINE_S, pg_timeout: float = PG_TIMEOUT_S,
               ) -> tuple[dict[int, dict], dict[int, int]]:
@@ -31,6 +60,7 @@ def run_ranks(target, world: int, *args, expect: list[int] | None = None,
     ``expect`` (default: all) to report; any child still alive after that, or at
     ``deadline``, is killed (so a hang fails the test instead of blocking it)."""
     expect = list(range(world)) if expect is None else expect
+    warm_serial_kernels()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     results: dict[int, dict] = {}

@@ -292,3 +292,13 @@ def test_decode_work_is_charged_per_payload():
     two = nm.step_time(model, [4], fast, "two_phase", 0.0, prof)
     assert float(gather.decode[0]) == pytest.approx(4.0)
     assert float(two.decode[0]) == pytest.approx(1.5)
+
+
+def test_assumed_codec_rate_replaces_times_but_keeps_measured_bytes():
+    from gradpress.commands.netmodel import assume_codec_rate
+
+    prof = nm.CompressorProfile("x", {}, chunk=1 << 20, payload_bytes=12345, encode_s=0.5,
+                                decode_s=0.7)
+    fast = assume_codec_rate(prof, 1000.0)  # 4 MiB of float32 at 1000 GB/s
+    assert fast.encode_s == fast.decode_s == 4 * (1 << 20) / 1e12
+    assert fast.payload_bytes == 12345 and prof.encode_s == 0.5  # the original is untouched

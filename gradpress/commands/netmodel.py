@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timings per calibration; the best is kept (robust to a busy machine)")
     p.add_argument("--flops", type=float, default=None,
                    help="override the measured FLOP/s (e.g. 4e14 for an H100 in bf16)")
+    p.add_argument("--codec-gbps", type=float, default=None,
+                   help="assume every codec encodes and decodes at this many GB/s of float32 "
+                        "input instead of the measured times (payload sizes stay measured), "
+                        "e.g. 1000 for a GPU codec at ~0.2 of an H200's 4.8 TB/s; an "
+                        "assumption the output labels, not a measurement")
     p.add_argument("--breakdown-workers", type=int, default=64,
                    help="worker count of the time-breakdown plot")
     p.add_argument("--measured", type=Path, default=None,
@@ -116,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
             skipped.append(f"{label} ({type(exc).__name__}: {exc})")
     if skipped:
         print(f"note: skipped (not registered, or failed): {'; '.join(skipped)}")
+    if args.codec_gbps:
+        profiles = [assume_codec_rate(p, args.codec_gbps) for p in profiles]
+        print(f"  ASSUMED codec rate: {args.codec_gbps:g} GB/s of float32 input each way "
+              "(times below are the assumption, not measured; sizes are measured)")
     for prof in profiles:
         print(f"  {prof.display_name:18s} {prof.bits_per_element:7.3f} bits/elem  "
               f"encode {prof.encode_s * 1e3:8.2f} ms  decode {prof.decode_s * 1e3:8.2f} ms "
@@ -137,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         "compute": nm.profile_dict(compute), "measured_flops_per_s": measured_flops,
         "compressors": [nm.profile_dict(p) for p in profiles], "skipped": skipped,
         "models": {k: vars(m) for k, m in nm.MODELS.items()},
+        "assumed_codec_gbps": args.codec_gbps,
         "latency_s": args.latency_us * 1e-6, "servers": args.servers, "predictions": rows,
         "summary_markdown": summary,
     }
@@ -153,6 +163,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/speedup.png, throughput.png, breakdown.png, summary.md, "
           "netmodel.json")
     return 0
+
+
+def assume_codec_rate(prof: Any, gbps: float) -> Any:
+    """``prof`` with encode and decode each taking ``4 * chunk / (gbps * 1e9)`` seconds (a
+    stated assumption: a codec reading float32 at ``gbps`` GB/s); payload bytes unchanged."""
+    import dataclasses
+
+    t = 4.0 * prof.chunk / (gbps * 1e9)
+    return dataclasses.replace(prof, encode_s=t, decode_s=t)
 
 
 _SCHEME_NAMES = {"allgather": "all-gather", "two_phase": "two-phase", "ps": "PS"}
