@@ -6,7 +6,9 @@
 (``gradpress train`` builds that command.) Tasks, on scikit-learn's bundled data (no
 download): ``digits`` (8x8 images, a small CNN), ``breast_cancer`` (30 features, an MLP),
 ``digits-mlp4m`` (a 4.2M-parameter MLP on digits, big enough that communication dominates:
-the slow-network benchmark's model). Each rank trains on its own shard of the training set;
+the slow-network benchmark's model), ``resnet`` (ResNet-20, residual blocks and batch norm,
+on digits at 8x8: :mod:`gradpress.train.resnet`; batch norm's running statistics stay per
+rank, so no bytes move outside the hook). Each rank trains on its own shard of the training set;
 every rank evaluates the same held-out 20%.
 
 ``--compressor`` is a gradpress compressor name (through :func:`compression_hook`), or one
