@@ -23,7 +23,8 @@ With --quick: a few steps a method, a smoke test of the pipeline, not the paper'
 
 Examples:
   gradpress train --nproc 2 --compressor ecq --bits 2
-  gradpress train --nproc 2 --task resnet --compressor ecq --bits 2 --unbounded
+  gradpress train --nproc 2 --task resnet --epochs 30 --compressor ecq --bits 2 --unbounded \\
+      --compressor-args "norm='l2';bucket_size=512;entropy='best'" --alpha 0.05 --beta 1
   gradpress train --experiment ecq-resnet            # fp32 vs QSGD vs ECQ-SGD, ResNet-20
   gradpress train --nproc 2 --compressor qsgd --bits 3 --unbounded --compare
   gradpress train --nproc 2 --compressor topk --compressor-args "ratio=0.01" --feedback ef
@@ -55,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --experiment: a few steps a method (pipeline smoke test, not "
                         "the paper's number)")
     p.add_argument("--seeds", default=None,
-                   help="with --experiment: comma-separated seeds (default 0)")
+                   help="with --experiment: comma-separated seeds (default 0,1; --quick: 0)")
     add_training_arguments(p)
     # None: not given. The worker then uses its defaults; --experiment uses its own.
     p.set_defaults(epochs=None, lr=None)
