@@ -12,7 +12,10 @@ paper's abstract and Sec. 6.1):
   * QSGD, the same quantizer without compensation, ends worse than ECQ-SGD;
   * compression "by a factor of up to two magnitudes without performance degradation":
     the largest ratio (payload bodies, the paper's count) at which an ECQ-SGD run ends
-    within --match-tol of 32Bit-FP.
+    within --match-tol of 32Bit-FP;
+  * ResNet-20 (Sec. 6.2): ">80x less communication at comparable accuracy", from the
+    ecq_resnet.json of `gradpress train --experiment ecq-resnet` (digits, not CIFAR-10)
+    in a folder beside --results (results/train/*/ by default).
 
 Examples:
   gradpress simulate ecq-linear && gradpress reproduce
@@ -30,6 +33,7 @@ from typing import Any
 HELP = "the papers' claims, their numbers, ours, and the command that made ours"
 
 ECQ_JSON = ("ecq-linear", "ecq_linear.json")
+RESNET_JSON = ("resnet-digits", "ecq_resnet.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
         main(["simulate", "ecq-linear", "--quick", "--no-progress", "--out",
               str(default.parent)])
     found = sorted(args.results.glob(f"*/{ECQ_JSON[1]}"))
-    if not found:
+    if not found and not list((args.results.parent / "train").glob(f"*/{RESNET_JSON[1]}")):
         print(f"no results under {args.results}: run `gradpress simulate ecq-linear` "
               "(or add --quick)")
         return 1
     rows = [r for path in found for r in ecq_rows(json.loads(path.read_text()))]
+    rows += resnet_rows_under(args.results.parent / "train", args.quick)
     print(table(rows))
     return 0
 
@@ -110,6 +115,52 @@ def ecq_rows(res: dict[str, Any]) -> list[dict[str, str]]:
         rows.append({"claim": f"{big['name']}: compression by up to ~100x without "
                               "degradation", "paper": ">= 100x at 32Bit-FP's loss",
                      "ours": ours, "command": cmd})
+    return rows
+
+
+def resnet_rows_under(root: Path, quick: bool) -> list[dict[str, str]]:
+    """The ResNet-20 rows from every ``ecq_resnet.json`` under ``root/*/``; with ``quick``
+    and none there, runs ``gradpress train --experiment ecq-resnet --quick`` first."""
+    default = root / RESNET_JSON[0] / RESNET_JSON[1]
+    if quick and not list(root.glob(f"*/{RESNET_JSON[1]}")):
+        from gradpress.cli import main
+
+        main(["train", "--experiment", "ecq-resnet", "--quick", "--out", str(default.parent)])
+    return [r for path in sorted(root.glob(f"*/{RESNET_JSON[1]}"))
+            for r in resnet_rows(json.loads(path.read_text()))]
+
+
+def resnet_rows(res: dict[str, Any]) -> list[dict[str, str]]:
+    """ECQ-SGD's ResNet-20 row from ``ecq_resnet.json``: the highest-ratio compressed method
+    within the accuracy tolerance of fp32, else the best (ratio, gap) of each method."""
+    tol = res.get("settings", {}).get("gap_tol_pts", 0.5)
+    m = res.get("match")
+
+    def one(s: dict[str, Any]) -> str:
+        worst = s.get("worst_gap_pts")
+        spread = f" (worst seed {worst:+.2f})" if worst is not None and len(
+            s.get("seeds", [])) > 1 else ""
+        return (f"{s['ratio']:.1f}x payload ({s['body_ratio']:.1f}x body) at "
+                f"{s['acc_gap_pts']:+.2f} pts vs fp32{spread}, {s['label']}")
+
+    if m:
+        ours = one(m)
+    else:
+        comp = [s for s in res["summary"] if s["label"] != "fp32"]
+        ours = f"none within {tol} pts; " + "; ".join(one(s) for s in comp)
+    n = len(res.get("settings", {}).get("seeds", "0").split(","))
+    ours += f" ({n} seed{'s' if n > 1 else ''}, digits 8x8 not CIFAR-10)"
+    if res.get("quick"):
+        ours += " [--quick: a pipeline smoke test, not the paper's number]"
+    cmd = res.get("command", "gradpress train --experiment ecq-resnet")
+    rows = [{"claim": "ResNet-20, 2 DDP ranks: >80x less communication at comparable "
+                      "accuracy (paper: CIFAR-10)",
+             "paper": ">80x, accuracy comparable to 32-bit (Sec. 6.2)", "ours": ours,
+             "command": cmd}]
+    qsgd = next((s for s in res["summary"] if s["label"].startswith("QSGD")), None)
+    if qsgd is not None:
+        rows.append({"claim": "ResNet-20: QSGD (no compensation) ends below ECQ-SGD",
+                     "paper": "QSGD below ECQ-SGD", "ours": one(qsgd), "command": cmd})
     return rows
 
 

@@ -14,8 +14,18 @@ their l-inf norm unless --compressor-args sets norm/bucket_size. Other arguments
 compressor go in --compressor-args "key=value;key=value". --compressor also takes ddp,
 torch-fp16 and torch-powersgd (PyTorch's own hooks) as baselines.
 
+--experiment ecq-resnet runs ECQ-SGD's CNN comparison instead (gradpress.train.ecq_resnet):
+fp32 vs QSGD vs ECQ-SGD on a ResNet-20-style network (--task resnet: residual blocks, batch
+norm, 0.27M parameters) on digits, --nproc ranks, one process group; it writes
+results/train/resnet-digits/ecq_resnet.json (or under --out) for `gradpress reproduce`.
+With --quick: a few steps a method, a smoke test of the pipeline, not the paper's number.
+(The paper trains ResNet-20 on CIFAR-10, which is not available offline.)
+
 Examples:
   gradpress train --nproc 2 --compressor ecq --bits 2
+  gradpress train --nproc 2 --task resnet --epochs 30 --compressor ecq --bits 2 --unbounded \\
+      --compressor-args "norm='l2';bucket_size=512;entropy='best'" --alpha 0.05 --beta 1
+  gradpress train --experiment ecq-resnet            # fp32 vs QSGD vs ECQ-SGD, ResNet-20
   gradpress train --nproc 2 --compressor qsgd --bits 3 --unbounded --compare
   gradpress train --nproc 2 --compressor topk --compressor-args "ratio=0.01" --feedback ef
 """
@@ -37,7 +47,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=2, help="ranks on this machine (default 2)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain DDP (fp32 all-reduce) and print the differences")
+    p.add_argument("--experiment", choices=("ecq-resnet",), default=None,
+                   help="ecq-resnet: fp32 vs QSGD vs ECQ-SGD on ResNet-20 (digits), writes "
+                        "ecq_resnet.json for `gradpress reproduce` (default --out: "
+                        "results/train/resnet-digits); other training arguments are ignored "
+                        "but --epochs, --lr, --max-steps")
+    p.add_argument("--quick", action="store_true",
+                   help="with --experiment: a few steps a method (pipeline smoke test, not "
+                        "the paper's number)")
+    p.add_argument("--seeds", default=None,
+                   help="with --experiment: comma-separated seeds (default 0,1; --quick: 0)")
     add_training_arguments(p)
+    # None: not given. The worker then uses its defaults; --experiment uses its own.
+    p.set_defaults(epochs=None, lr=None)
 
 
 def worker_argv(args: argparse.Namespace, **override) -> list[str]:
@@ -60,9 +82,24 @@ def worker_argv(args: argparse.Namespace, **override) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def worker_defaults(**override) -> argparse.Namespace:
+    """The worker's arguments at their defaults, with ``override`` (dest names) applied."""
+    from gradpress.train.worker import add_training_arguments
+
+    probe = argparse.ArgumentParser()
+    add_training_arguments(probe)
+    ns = probe.parse_args([])
+    unknown = set(override) - set(vars(ns))
+    if unknown:
+        raise ValueError(f"not training arguments: {sorted(unknown)}")
+    for k, v in override.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def launch(nproc: int, argv: list[str], module: str = "gradpress.train.worker") -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "gradpress.train.worker", *argv]
+           f"--nproc_per_node={nproc}", "-m", module, *argv]
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -97,6 +134,8 @@ def plot_compare(ours: dict, base: dict, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise SystemExit(f"--nproc must be >= 1, got {args.nproc}")
+    if args.experiment:
+        return run_experiment(args)
     rc = launch(args.nproc, worker_argv(args))
     if rc or not args.compare:
         return rc
@@ -118,3 +157,27 @@ def run(args: argparse.Namespace) -> int:
         plot_compare(ours, base, Path(args.out) / "compare.png")
         print(f"wrote {Path(args.out) / 'compare.png'}")
     return 0
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    """``--experiment ecq-resnet``: :mod:`gradpress.train.ecq_resnet` under torchrun."""
+    argv, cmd = [], ["gradpress", "train", "--experiment", args.experiment]
+    if args.epochs is not None:
+        argv += ["--epochs", str(args.epochs)]
+    if args.lr is not None:
+        argv += ["--lr", str(args.lr)]
+    if args.max_steps:
+        argv += ["--max-steps", str(args.max_steps)]
+    if args.seeds:
+        argv += ["--seeds", args.seeds]
+    if args.quick:
+        argv.append("--quick")
+    if args.nproc != 2:
+        cmd += ["--nproc", str(args.nproc)]
+    out = Path(args.out)
+    if out == Path("results/train"):
+        out = out / "resnet-digits"
+    else:
+        cmd += ["--out", str(args.out)]
+    return launch(args.nproc, [*argv, "--out", str(out), "--command", " ".join(cmd + argv)],
+                  module="gradpress.train.ecq_resnet")

@@ -6,7 +6,9 @@
 (``gradpress train`` builds that command.) Tasks, on scikit-learn's bundled data (no
 download): ``digits`` (8x8 images, a small CNN), ``breast_cancer`` (30 features, an MLP),
 ``digits-mlp4m`` (a 4.2M-parameter MLP on digits, big enough that communication dominates:
-the slow-network benchmark's model). Each rank trains on its own shard of the training set;
+the slow-network benchmark's model), ``resnet`` (ResNet-20, residual blocks and batch norm,
+on digits at 8x8: :mod:`gradpress.train.resnet`; batch norm's running statistics stay per
+rank, so no bytes move outside the hook). Each rank trains on its own shard of the training set;
 every rank evaluates the same held-out 20%.
 
 ``--compressor`` is a gradpress compressor name (through :func:`compression_hook`), or one
@@ -39,17 +41,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-TORCH_HOOKS = ("ddp", "torch-fp16", "torch-powersgd", "compute-only")
-AUTO_FEEDBACK = {"ecq": "ecq", "sign": "ef", "topk": "ef", "powersgd": "ef", "natural": "none"}
+from gradpress.train.hooks import ByteCounter, compressor_kwargs  # noqa: F401 (re-export)
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by the worker and ``gradpress train``."""
     p.add_argument("--task", default="all",
-                   choices=("all", "digits", "breast_cancer", "digits-mlp4m", "lm"),
+                   choices=("all", "digits", "breast_cancer", "digits-mlp4m", "lm", "resnet"),
                    help="all = digits (CNN) then breast_cancer (MLP); digits-mlp4m: a "
                         "4.1M-parameter MLP; lm: a 3.3M-parameter byte-level transformer on "
-                        "the standard library's sources (accuracy = next-byte accuracy)")
+                        "the standard library's sources (accuracy = next-byte accuracy); "
+                        "resnet: ResNet-20 (residual blocks, batch norm, 0.27M parameters) "
+                        "on digits at their native 8x8 (ECQ-SGD's CIFAR-10 network; "
+                        "CIFAR-10 itself is not available offline)")
     p.add_argument("--compressor", default="ecq",
                    help="gradpress compressor name, or ddp / torch-fp16 / torch-powersgd / "
                         "compute-only (a hook that communicates nothing: each rank keeps its "
@@ -87,29 +91,6 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-def compressor_kwargs(name: str, bits: int | None, extra: str) -> dict[str, Any]:
-    """``--bits`` and ``--compressor-args`` as constructor kwargs of compressor ``name``."""
-    from gradpress.specs import parse_spec
-
-    kw = parse_spec(f"{name}:{extra}")[1] if extra else {}
-    if name == "ecq":
-        # A DDP bucket holds millions of coordinates: one l2 scale for all of them has
-        # omega = sqrt(n)/s. Training scales each 512 coordinates by their l-inf norm
-        # (the paper's other scale) unless --compressor-args says otherwise. The per-payload
-        # Huffman code rather than ecq's default "best": range coding 4.1M symbols costs
-        # about 1 s a step on this CPU (slow_network, 4 ranks: 1.70 vs 0.69 s/step).
-        kw = {"norm": "linf", "bucket_size": 512, "entropy": "huffman"} | kw
-    if bits is not None:
-        if name in ("ecq", "qsgd", "natural_dithering"):
-            if bits < 2:
-                raise SystemExit(f"{name} needs --bits >= 2 (s = 2^(bits-1)-1 levels)")
-            kw["s"] = 2 ** (bits - 1) - 1
-        else:
-            raise SystemExit(f"--bits applies to ecq, qsgd, natural_dithering; for {name} "
-                             "use --compressor-args")
-    return kw
-
-
 # -- data and models -----------------------------------------------------------------------
 
 def load_task(task: str, seed: int) -> tuple[torch.Tensor, ...]:
@@ -122,7 +103,7 @@ def load_task(task: str, seed: int) -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_breast_cancer, load_digits
     from sklearn.model_selection import train_test_split
 
-    if task.startswith("digits"):
+    if task.startswith("digits") or task == "resnet":
         x, y = load_digits(return_X_y=True)
         x = x / 16.0
     else:
@@ -131,7 +112,7 @@ def load_task(task: str, seed: int) -> tuple[torch.Tensor, ...]:
     if task == "breast_cancer":
         mu, sd = xtr.mean(0), xtr.std(0) + 1e-8
         xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    if task == "digits":
+    if task in ("digits", "resnet"):
         xtr, xte = xtr.reshape(-1, 1, 8, 8), xte.reshape(-1, 1, 8, 8)
     f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     g = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
@@ -143,6 +124,10 @@ def build_model(task: str) -> nn.Module:
         from gradpress.train.lm import build_lm
 
         return build_lm()
+    if task == "resnet":
+        from gradpress.train.resnet import build_resnet20
+
+        return build_resnet20()
     if task == "digits":
         return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -155,85 +140,6 @@ def build_model(task: str) -> nn.Module:
                          nn.Linear(1920, 10))
 
 
-# -- hooks and byte counters -----------------------------------------------------------------
-
-def _no_communication(state, bucket):  # no annotations: DDP checks them as real types
-    """A comm hook that sends nothing: the step's compute, DDP's bucketing included."""
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
-
-
-class _Bytes:
-    """Cumulative bytes this rank contributed, for any of the hooks."""
-
-    def __init__(self, args: argparse.Namespace, ddp: nn.Module, numel: int) -> None:
-        self.kind, self.numel = args.compressor, numel
-        self.state: Any = None
-        self.payload = self.wire = self.sent = self.received = 0
-        self.world = dist.get_world_size()
-        if self.kind == "compute-only":
-            ddp.register_comm_hook(None, _no_communication)
-        elif self.kind == "torch-fp16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif self.kind == "torch-powersgd":
-            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
-
-            self.state = ps.PowerSGDState(None, matrix_approximation_rank=args.rank_r,
-                                          start_powerSGD_iter=2, random_seed=args.seed)
-            ddp.register_comm_hook(self.state, ps.powerSGD_hook)
-        elif self.kind != "ddp":
-            import gradpress
-            from gradpress.ddp import CompressionState, compression_hook
-
-            fb_name = args.feedback
-            if fb_name == "auto":
-                fb_name = AUTO_FEEDBACK.get(self.kind, "none")
-            fb_kw = {"alpha": args.alpha, "beta": args.beta} if fb_name == "ecq" else {}
-            comp = gradpress.get(self.kind, **compressor_kwargs(self.kind, args.bits,
-                                                                 args.compressor_args))
-            self.state = CompressionState(None, compressor=comp,
-                                          feedback=gradpress.feedback.get(fb_name, **fb_kw),
-                                          bounded=False if args.unbounded else "auto",
-                                          seed=args.seed, collective=args.collective)
-            ddp.register_comm_hook(self.state, compression_hook)
-        self._ps_seen = 0
-
-    def after_step(self) -> None:
-        if self.kind == "compute-only":
-            return
-        if self.kind in ("ddp", "torch-fp16", "torch-powersgd"):
-            if self.kind == "torch-powersgd":
-                after = self.state.total_numel_after_compression
-                n = 4 * (after - self._ps_seen) if after > self._ps_seen else 4 * self.numel
-                self._ps_seen = after
-            else:
-                n = (4 if self.kind == "ddp" else 2) * self.numel
-            self.payload += n
-            self.wire += n
-            ring = 2 * (self.world - 1) * n // self.world  # ring all-reduce, each way
-            self.sent += ring
-            self.received += ring
-        else:
-            self.payload = self.state.total_payload_bytes
-            self.wire = self.state.total_wire_bytes
-            self.sent = self.state.total_sent_bytes
-            self.received = self.state.total_received_bytes
-
-    def short(self) -> str:
-        """``name [kwargs] + feedback``, for plot titles."""
-        if self.state is None or not hasattr(self.state, "compressor"):
-            return self.kind
-        c, fb = self.state.compressor, self.state.feedback
-        kw = ", ".join(f"{k}={v}" for k, v in c.config().items() if v not in (None, False))
-        return f"{c.name}({kw[:40]}) + {fb.name} feedback"
-
-    def describe(self) -> str:
-        return repr(self.state) if self.state is not None else self.kind
-
-
 # -- training ---------------------------------------------------------------------------------
 
 def train_task(task: str, args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
@@ -244,8 +150,10 @@ def train_task(task: str, args: argparse.Namespace, rank: int, world: int) -> di
     xtr, ytr, xte, yte = load_task(task, args.seed)
     model = build_model(task)
     numel = sum(p.numel() for p in model.parameters())
-    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
-    counter = _Bytes(args, ddp, numel)
+    # Batch norm's running statistics stay per rank: DDP's default would broadcast them from
+    # rank 0 every step, fp32 bytes outside the comm hook that no byte count here sees.
+    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb, broadcast_buffers=task != "resnet")
+    counter = ByteCounter(args, ddp, numel)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
     loss_fn = nn.CrossEntropyLoss()
     shard = len(xtr) // world
@@ -300,7 +208,7 @@ def train_task(task: str, args: argparse.Namespace, rank: int, world: int) -> di
             "final_test_acc": records[-1]["test_acc"] if records else None,
             "payload_bytes": counter.payload, "wire_bytes": counter.wire,
             "sent_bytes": counter.sent, "received_bytes": counter.received,
-            "train_time_s": train_time,
+            "train_time_s": train_time, "per_step": counter.per_step(),
             "params_digest": _digest(model)}
 
 
