@@ -24,6 +24,8 @@ declared shape" is all a test can ask of a bit flip inside a body of the right l
 * ``topk``/``randk``: value bits, and index bits that stay in range and increasing;
   ``randk``'s indices are not sent at all (shared seed);
 * ``powersgd``: the float32 factors; ``spherical``: block directions and magnitudes;
+  ``spherical_cap`` (small d): the norm and the low bits of the index (any ``T <= T_max``
+  is a valid point);
 * ``sparse_dithering``(``_rand``) and entropy-coded variants: flips that still parse as
   a valid code of the right length.
 """
@@ -114,7 +116,8 @@ LIES = [(1,), (199,), (201,), (2000,), (3, 7, 11), (20, 11)]
 #: tensor and a sparse or entropy code): only the digest guards their shape. ``ecq``'s
 #: default (the paper's: ``bucket_size=None``, the smallest of its codes) is one of them.
 NO_LENGTH_FLOOR = {"qsgd-bucket_size=None", "spherical", "sparse_dithering-entropy=True",
-                   "sparse_dithering_rand-entropy=True", "ecq"}
+                   "sparse_dithering_rand-entropy=True", "ecq",
+                   "spherical_cap"}  # blockwise above d = 13, like spherical
 
 
 def _forged(c: gradpress.Compressor, p: Payload, shape) -> Payload:

@@ -6,6 +6,10 @@ give other runs --out results/simulate/<name>), each row naming the command that
 With --quick and no default results, the --quick form runs first (small data, few
 iterations: a smoke test of the pipeline, not the paper's numbers).
 
+Also reads optimal_real.json (`gradpress simulate optimal-real`, the "Optimal Gradient
+Compression" poster's setting): per data set, bytes to relative error 1e-4 of fp32, the best
+top-k, Spherical Compression and Sparse Dithering, the poster's number beside ours.
+
 Rows so far (ECQ-SGD, Wu, Huang, Huang, Zhang, ICML 2018; the claims paraphrased from the
 paper's abstract and Sec. 6.1):
   * per Syn-d data set: ECQ-SGD (l2 scale) reaches 32Bit-FP's loss;
@@ -34,6 +38,7 @@ HELP = "the papers' claims, their numbers, ours, and the command that made ours"
 
 ECQ_JSON = ("ecq-linear", "ecq_linear.json")
 RESNET_JSON = ("resnet-digits", "ecq_resnet.json")
+OPT_JSON = ("optimal-real", "optimal_real.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,21 +49,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    default = args.results / ECQ_JSON[0] / ECQ_JSON[1]
-    if not default.exists() and args.quick:
-        from gradpress.cli import main
+    for folder, name in (ECQ_JSON, OPT_JSON):
+        default = args.results / folder / name
+        if not default.exists() and args.quick:
+            from gradpress.cli import main
 
-        main(["simulate", "ecq-linear", "--quick", "--no-progress", "--out",
-              str(default.parent)])
+            main(["simulate", folder, "--quick", "--no-progress", "--out",
+                  str(default.parent)])
     found = sorted(args.results.glob(f"*/{ECQ_JSON[1]}"))
-    if not found and not list((args.results.parent / "train").glob(f"*/{RESNET_JSON[1]}")):
-        print(f"no results under {args.results}: run `gradpress simulate ecq-linear` "
-              "(or add --quick)")
+    opt = sorted(args.results.glob(f"*/{OPT_JSON[1]}"))
+    resnet = list((args.results.parent / "train").glob(f"*/{RESNET_JSON[1]}"))
+    if not found and not opt and not resnet:
+        print(f"no results under {args.results}: run `gradpress simulate ecq-linear`, "
+              "`gradpress simulate optimal-real` and `gradpress train --experiment "
+              "ecq-resnet` (or add --quick)")
         return 1
     rows = [r for path in found for r in ecq_rows(json.loads(path.read_text()))]
+    rows += [r for path in opt for r in optimal_rows(json.loads(path.read_text()))]
     rows += resnet_rows_under(args.results.parent / "train", args.quick)
     print(table(rows))
     return 0
+
+
+def _kb(v: float | None) -> str:
+    return "not reached" if v is None else f"{v / 1000:.2f}k"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def optimal_rows(res: dict[str, Any]) -> list[dict[str, str]]:
+    """The poster's rows from ``optimal_real.json``: bytes to the target per method
+    (message = payload bodies, the paper's count; whole payloads beside them)."""
+    cmd = res.get("command", "gradpress simulate optimal-real")
+    target = res.get("settings", {}).get("target", 1e-4)
+    quick = " (--quick)" if res.get("settings", {}).get("quick") else ""
+    rows = []
+    for ds in res.get("datasets", []):
+        for t in ds.get("table", []):
+            ours = (f"{_kb(t['message_bytes'])} message bytes, {_kb(t['payload_bytes'])} "
+                    f"payload; {_x(t['message_vs_fp32'])} under fp32, "
+                    f"{_x(t['message_vs_topk'])} under best top-k (message)")
+            if "goal" in t:
+                ours += f"; goal {t['goal']}"
+            rows.append({"claim": f"{ds['name']} (d={ds['d']}, {ds['kind']}){quick}: "
+                                  f"bytes to {target:g} rel. error, {t['method']}",
+                         "paper": t.get("paper_bytes") or "-", "ours": ours,
+                         "command": cmd})
+    return rows
 
 
 def _pct(v: float | None) -> str:

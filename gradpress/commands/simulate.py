@@ -15,10 +15,13 @@ Experiments:
                 --match-tol of full precision's.
   alpha-beta    ECQ-SGD's final loss over a grid of alpha (compensation coefficient) and
                 beta (time-decaying factor), as a heat map.
-  optimal-real  Albasyoni et al. 2020 Sec. 7: distributed compressed gradient descent on
-                scikit-learn's bundled data (ridge: diabetes; logistic: breast_cancer,
-                digits 0-4 vs 5-9) with sparse dithering, spherical compression, QSGD,
-                natural (dithering), top-k with EF/EF21, ...; loss against bits.
+  optimal-real  Albasyoni et al. 2020 Sec. 7, the poster's setting: compressed gradient
+                descent (one node), relative error ||x_t - x*||^2/||x_0 - x*||^2 against
+                bytes, and bytes to 1e-4 (message = payload body, the paper's count, and
+                whole payloads) for fp32, the best top-k, Spherical Compression (the
+                paper's cap code, spherical_cap), biased and unbiased Sparse Dithering:
+                ridge on diabetes (d=10), logistic on breast_cancer's 10 mean features
+                and on all 30. With --compressors: any methods, P workers, loss vs bits.
 Compressors not registered yet are skipped with a note.
 
 Examples:
@@ -27,7 +30,9 @@ Examples:
   gradpress simulate ecq-linear --dims 20000 --batch-size 0 --lr 0.01 \
       --methods "fp32,ecq:s=8+ecq:alpha=0.06;beta=1.0"  # full local gradients: ~100x
   gradpress simulate alpha-beta --iters 300
-  gradpress simulate optimal-real --split noniid --workers 16
+  gradpress simulate optimal-real                     # the poster's table, ~10 min
+  gradpress simulate optimal-real --quick             # breast_cancer_mean only, ~30 s
+  gradpress simulate optimal-real --compressors "fp32,sparse_dithering+ef21" --workers 8
   gradpress simulate ecq-linear --quick               # ~1 min: a smoke run
 """
 
@@ -101,22 +106,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--compressor", default="qsgd:s=4;bucket_size=None",
                    help="quantizer spec name[:k=v;...] (default: %(default)s)")
-    p = sub.add_parser("optimal-real", help="second paper: real data, loss against bits")
-    _common(p, 1000)
-    p.add_argument("--datasets", default="diabetes,breast_cancer,digits",
-                   help="scikit-learn data sets (diabetes: ridge; others: logistic)")
+    p = sub.add_parser("optimal-real", help="second paper's poster: relative error vs bytes, "
+                       "bytes to 1e-4 (compressed GD, real data)")
+    _common(p, 20_000)
+    p.set_defaults(workers=1)  # the poster's compressed gradient descent: one node
+    p.add_argument("--datasets", default=None,
+                   help="scikit-learn data sets (diabetes: ridge; others: logistic; "
+                        "default: diabetes,breast_cancer_mean,breast_cancer, without a bias "
+                        "column; with --compressors: diabetes,breast_cancer,digits)")
     p.add_argument("--compressors", default=None,
-                   help="comma-separated name[:k=v;...][+feedback] specs, first is the "
-                        "reference (default: fp32, QSGD s=1, natural, natural dithering, "
-                        "sparse dithering (+rand), spherical, terngrad, top-k+EF/EF21, "
-                        "sign+EF)")
+                   help="instead of the poster's methods: comma-separated "
+                        "name[:k=v;...][+feedback] specs, first is the reference, loss "
+                        "against bits (e.g. fp32, QSGD s=1, natural, sparse dithering, "
+                        "spherical, top-k+EF/EF21, sign+EF)")
+    p.add_argument("--topk", default=None,
+                   help="k values of the top-k sweep (default: 1..d-1 for d <= 10, "
+                        "1,2,3,5,8,12,20 above)")
     p.add_argument("--lam", type=float, default=1e-2, help="l2 regularization")
     p.add_argument("--lr", type=float, default=None,
-                   help="one step size for all (default: each method's theory step)")
+                   help="with --compressors: one step size for all (default: theory)")
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="multiply every theory step by this (default 1)")
     p.add_argument("--target", type=float, default=1e-4,
-                   help="relative suboptimality for the bits-to-target column")
+                   help="relative error (poster) / suboptimality (--compressors) target")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,11 +250,14 @@ def _alpha_beta(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _optimal_real(args: argparse.Namespace, progress: bool) -> int:
-    from gradpress.sim.experiments import REAL_DEFAULT, optimal_real, parse_method
+    if args.compressors is None:
+        return _poster(args, progress)
+    from gradpress.sim.experiments import optimal_real, parse_method
     from gradpress.sim.plots import real_figure
 
-    specs = [s for s in (args.compressors or REAL_DEFAULT).split(",") if s.strip()]
-    datasets = [s.strip() for s in args.datasets.split(",") if s.strip()]
+    specs = [s for s in args.compressors.split(",") if s.strip()]
+    datasets = [s.strip() for s in (args.datasets or "diabetes,breast_cancer,digits"
+                                    ).split(",") if s.strip()]
     workers, iters = args.workers, args.iters or 1000
     if args.quick:
         datasets, workers, iters = datasets[:1], min(workers, 4), args.iters or 60
@@ -259,6 +274,45 @@ def _optimal_real(args: argparse.Namespace, progress: bool) -> int:
         print(f"\n{ds['name']} ({ds['kind']}, n={ds['n']}, d={ds['d']}, L={ds['L']:.3g}, "
               f"P={workers}, {iters} iterations, f* = {ds['f_star']:.6f})")
         print(_table(ds["summary"], cols))
+    path = _write(args, "optimal_real", res)
+    print(f"wrote {args.out}/optimal_real_*.png and {path}")
+    return 0
+
+
+POSTER_COLS = [("method", "method", "s"), ("paper_bytes", "poster: bytes to 1e-4", "s"),
+               ("iters", "iterations", "d"), ("message_bytes", "message bytes", ".0f"),
+               ("payload_bytes", "payload bytes", ".0f"),
+               ("message_vs_fp32", "fp32 / this (message)", ".2f"),
+               ("message_vs_topk", "best top-k / this (message)", ".2f"),
+               ("payload_vs_fp32", "fp32 / this (payload)", ".2f"),
+               ("goal", "goal >=5x fp32, >=4x top-k", "s")]
+
+
+def _poster(args: argparse.Namespace, progress: bool) -> int:
+    """The poster's setting (``gradpress.sim.poster``); ``--quick``: breast_cancer_mean
+    only, top-k with k in {1, 5}, at most 2000 iterations."""
+    from gradpress.sim.plots import poster_figure
+    from gradpress.sim.poster import DATASETS, optimal_poster
+
+    datasets = [s.strip() for s in (args.datasets or ",".join(DATASETS)).split(",")
+                if s.strip()]
+    ks = {d: [int(k) for k in args.topk.split(",")] for d in range(1, 10_000)
+          } if args.topk else {30: [1, 2, 3, 5, 8, 12, 20]}
+    max_iters = args.iters or 20_000
+    if args.quick:
+        datasets = [d for d in datasets if d == "breast_cancer_mean"] or datasets[:1]
+        ks = {d: [1, 5] for d in range(1, 10_000)} if not args.topk else ks
+        max_iters = args.iters or 2000
+    res = optimal_poster(datasets, workers=args.workers, max_iters=max_iters, lam=args.lam,
+                         target=args.target, lr_scale=args.lr_scale, ks=ks, seed=args.seed,
+                         progress=progress)
+    res["settings"]["quick"] = bool(args.quick)
+    for ds in res["datasets"]:
+        poster_figure(ds, args.out / f"optimal_real_{ds['name']}.png", args.target)
+        print(f"\n{ds['name']} ({ds['kind']}, n={ds['n']}, d={ds['d']}, L={ds['L']:.3g}, "
+              f"P={args.workers}, bytes per worker to relative error {args.target:g}; "
+              f"{ds['seconds']:.0f} s)")
+        print(_table(ds["table"], POSTER_COLS))
     path = _write(args, "optimal_real", res)
     print(f"wrote {args.out}/optimal_real_*.png and {path}")
     return 0

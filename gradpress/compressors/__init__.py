@@ -11,6 +11,7 @@ from gradpress.compressors import (
     sparse_dithering,  # noqa: F401  (registers)
     sparsify,  # noqa: F401  (registers)
     spherical,  # noqa: F401  (registers)
+    spherical_cap,  # noqa: F401  (registers)
     terngrad,  # noqa: F401  (registers)
 )
 from gradpress.compressors.base import Compressor, check_gradient, generator_for

@@ -1,6 +1,11 @@
 """Spherical Compression (Albasyoni, Safaryan, Condat, Richtarik 2020, arXiv 2010.03246, Sec. 4):
 send the index of the code word nearest to ``x`` in a random code book shared through the seed.
 
+This is the blockwise form for large ``d``. The paper's own definition (the first shared-seed
+point inside the cap around ``x/||x||``, Golomb-Rice coded, plus the norm) is
+``spherical_cap`` (:mod:`gradpress.compressors.spherical_cap`), which uses this code where
+its search is out of reach (``d >= 14`` at distortion 0.15).
+
 For a code book of ``N = 2^b`` directions drawn uniformly on the sphere, the encoder sends the
 index of ``argmax_j <x, u_j>`` and the decoder outputs ``<x, u_j> u_j``; for every ``x``,
 ``E||C(x) - x||^2 = (1 - alpha_rand(b, n)) ||x||^2`` with

@@ -2,7 +2,9 @@
 
 ``problems`` (least squares, ridge, logistic with exact optima; the ECQ-SGD paper's Syn-d
 data and scikit-learn's bundled data sets), ``data`` (iid / non-iid splits), ``loop``
-(the vectorized training loop through real payloads). See each module's docstring.
+(the vectorized training loop through real payloads), ``experiments`` (the papers' runs)
+and ``poster`` (the "Optimal Gradient Compression" poster's bytes-to-1e-4 experiment).
+See each module's docstring.
 """
 
 from gradpress.sim.data import split

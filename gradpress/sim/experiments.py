@@ -22,7 +22,8 @@
    Step sizes from theory: DCGD ``1/(L + 2 omega L_max / P)`` for unbiased compressors
    (Khirirat et al. 2018; Gorbunov et al. 2020), EF21's ``1/(L + L_max sqrt(b/t))`` with
    ``t = 1 - sqrt(1 - a)``, ``b = (1 - a)/t`` for contractive ones (Richtarik et al. 2021,
-   Thm 1), ``1/L`` otherwise.
+   Thm 1), ``1/L`` otherwise. (``gradpress simulate optimal-real --compressors ...``; without
+   ``--compressors`` the command runs the poster's setting, :mod:`gradpress.sim.poster`.)
 
 Compressors are built by registry name; a name not (yet) registered, or whose options it
 does not take, is skipped with a printed note. Every size is ``len(payload.to_bytes())``.

@@ -89,6 +89,8 @@ class Curve:
     seconds: float = 0.0
     #: mean body bytes (payload minus its header) per worker per step
     body_bytes_per_step_mean: float = 0.0
+    #: like ``bits_per_worker``, counting the bodies only (the papers' message bits)
+    body_bits_per_worker: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,8 +208,10 @@ class Simulation:
         return out
 
     def run(self, method: Method, *, iters: int, lr: float, record_every: int | None = None,
-            progress: bool = True, w0: np.ndarray | None = None) -> Curve:
-        """Run ``iters`` iterations of ``method`` and return its :class:`Curve`."""
+            progress: bool = True, w0: np.ndarray | None = None,
+            until_dist: float | None = None) -> Curve:
+        """Run ``iters`` iterations of ``method`` and return its :class:`Curve`; with
+        ``until_dist``, stop at the first recorded ``||w - w*|| <= until_dist``."""
         from tqdm.auto import tqdm
 
         if iters < 0:
@@ -223,6 +227,7 @@ class Simulation:
              ).to(self.device)
         loss0 = self.problem.loss(w)
         rec_it, rec_loss, rec_dist, rec_bits = [0], [loss0], [_dist(w, w_star)], [0.0]
+        rec_body = [0.0]
         total = np.zeros(self.P, dtype=np.int64)
         body = np.zeros(self.P, dtype=np.int64)
         diverged = False
@@ -257,6 +262,10 @@ class Simulation:
                 rec_loss.append(f)
                 rec_dist.append(_dist(w, w_star))
                 rec_bits.append(8.0 * float(total.mean()))
+                rec_body.append(8.0 * float(body.mean()))
+                if until_dist is not None and rec_dist[-1] is not None and (
+                        rec_dist[-1] <= until_dist):
+                    break
         bar.close()
         steps = rec_it[-1] if not diverged else max(1, t - 1)
         return Curve(
@@ -266,6 +275,7 @@ class Simulation:
             bytes_per_step_mean=float(total.mean()) / max(1, steps), f_star=f_star,
             diverged=diverged, seconds=time.perf_counter() - t0,
             body_bytes_per_step_mean=float(body.mean()) / max(1, steps),
+            body_bits_per_worker=rec_body,
         )
 
     def _exchange(self, comp: gradpress.Compressor, v: torch.Tensor, t: int

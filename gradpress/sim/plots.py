@@ -136,3 +136,32 @@ def real_figure(ds: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def poster_figure(ds: dict[str, Any], path: Path, target: float) -> None:
+    """The poster's plot: relative error ``||x_t - x*||^2 / ||x_0 - x*||^2`` against
+    message bytes (left) and whole-payload bytes (right); top-k: the best ``k`` only."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    best = ds.get("best_topk")
+    colors: dict[str, Any] = {}
+    for c in ds["curves"]:
+        if c["role"] == "topk" and c["label"] != best:
+            continue
+        kw = _style(c["label"], colors)
+        err = np.maximum(np.asarray([e if e is not None else np.nan for e in c["rel_error"]]),
+                         1e-16)
+        for ax, key in zip(axes, ("message_bytes", "payload_bytes")):
+            ax.plot(c[key], err, label=c["label"], **kw)
+    for ax, what in zip(axes, ("message bytes (body: norm/scale + code)",
+                               "payload bytes (header included)")):
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel(what + " per worker")
+        ax.set_ylabel("||x_t - x*||^2 / ||x_0 - x*||^2")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{ds['name']} ({ds['kind']}, n={ds['n']}, d={ds['d']}): compressed GD")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -202,32 +202,39 @@ def synthetic_linear(n: int = 10_000, d: int = 256, noise: float = 1.0, seed: in
     return Problem(f"syn-{d}", kind, X, y, lam)
 
 
-REAL_DATASETS = ("diabetes", "breast_cancer", "digits", "wine")
+REAL_DATASETS = ("diabetes", "breast_cancer", "breast_cancer_mean", "digits", "wine")
 
 
-def real_dataset(name: str, kind: str | None = None, lam: float = 1e-3) -> Problem:
-    """A data set bundled with scikit-learn, standardized, with a bias column.
+def real_dataset(name: str, kind: str | None = None, lam: float = 1e-3,
+                 bias: bool = True) -> Problem:
+    """A data set bundled with scikit-learn, standardized, with a bias column (``bias``).
 
     ``diabetes`` is a regression (ridge by default, target standardized); ``breast_cancer``
-    (malignant vs benign), ``digits`` (0-4 vs 5-9) and ``wine`` (class 0 vs rest) are
-    binary with labels in ``{-1, +1}`` (logistic by default).
+    (malignant vs benign; ``breast_cancer_mean``: its first ten features, the per-image
+    means), ``digits`` (0-4 vs 5-9) and ``wine`` (class 0 vs rest) are binary with labels
+    in ``{-1, +1}`` (logistic by default).
     """
     from sklearn import datasets
 
     loaders = {"diabetes": datasets.load_diabetes, "breast_cancer": datasets.load_breast_cancer,
+               "breast_cancer_mean": datasets.load_breast_cancer,
                "digits": datasets.load_digits, "wine": datasets.load_wine}
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}; choose from {REAL_DATASETS}")
     X, t = loaders[name](return_X_y=True)
     X = np.asarray(X, dtype=np.float64)
+    if name == "breast_cancer_mean":
+        X = X[:, :10]
     sd = X.std(axis=0)
     X = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    X = np.hstack([X, np.ones((X.shape[0], 1))])
+    if bias:
+        X = np.hstack([X, np.ones((X.shape[0], 1))])
     if name == "diabetes":
         y = (t - t.mean()) / t.std()
         kind = kind or "ridge"
     else:
-        pos = {"breast_cancer": t == 1, "digits": t >= 5, "wine": t == 0}[name]
+        pos = {"breast_cancer": t == 1, "breast_cancer_mean": t == 1, "digits": t >= 5,
+               "wine": t == 0}[name]
         y = np.where(pos, 1.0, -1.0)
         kind = kind or "logistic"
     return Problem(name, kind, X, y, 0.0 if kind == "least_squares" else lam)
