@@ -51,26 +51,21 @@ def test_dither_stream_is_uniform_and_seed_dependent():
 
 
 @pytest.mark.parametrize("norm,gain,c,levels", [("l2", 4.0, 4.0, 9), ("linf", 1.5, 1.5, 4)])
-def test_kernel_and_torch_rounding_agree_in_distribution(norm, gain, c, levels):
-    """The CPU kernel and the torch path (used on GPUs) are both unbiased, same scales."""
+def test_kernel_rounding_is_unbiased(norm, gain, c, levels):
+    """The CPU kernel's rounding is unbiased (the torch path on other devices sends the
+    same bytes: ``test_torch_codes.py``)."""
     torch.manual_seed(0)
     x = torch.randn(3000)
     b = 256
     runs = 400
     acc_k = torch.zeros_like(x)
-    acc_t = torch.zeros_like(x)
     for seed in range(runs):
         scale, sym = fc.scaled_quantize(x, b, norm, gain, c, levels, seed, gen=None)
         inv = scale / gain
         acc_k += fc.affine_dequantize(sym, b, inv, c)
-        a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale))
-        g = torch.Generator().manual_seed(seed)
-        sym_t = fc.quantize_torch(x, b, a, c, levels, g)
-        acc_t += fc.affine_dequantize(sym_t, b, inv, c)
     step = float(fc.bucket_reduce(x, b, norm).max()) / gain  # grid step, an upper bound
     tol = 5 * step / 2 / runs**0.5
     assert float((acc_k / runs - x).abs().max()) < tol
-    assert float((acc_t / runs - x).abs().max()) < tol
 
 
 def test_bytes_do_not_depend_on_the_thread_count():
