@@ -136,3 +136,16 @@ def test_one_torch_thread_runs_the_serial_build_and_never_wakes_the_pool(monkeyp
     finally:
         torch.set_num_threads(old)
     assert isinstance(fc._quantize, _jit.Kernel)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 70001])
+def test_sign_kernels_are_packbits_and_plus_minus_the_bucket_mean(n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[::3] = 0.0  # sgn(0) = +1: bit 0
+    bits = fc.sign_bits(x)
+    assert np.array_equal(bits, np.packbits((x < 0).numpy()))
+    for b in (1, 7, 512, None):
+        m = np.random.default_rng(n).random(fc.n_buckets(n, b)).astype(np.float32)
+        want = np.where((x < 0).numpy(), -1.0, 1.0).astype(np.float32) * np.repeat(
+            m, b or n)[:n]
+        assert np.array_equal(fc.signs_times(bits, n, b, m).numpy(), want)

@@ -26,8 +26,6 @@ from gradpress.compressors.registry import register
 from gradpress.kernels import quantize as fc
 from gradpress.kernels import torch_codes as tc
 
-_PACK_CHUNK = fc.CHUNK // 8 * 8  # elements per chunk when packing sign bits (a multiple of 8)
-
 
 @register
 class ScaledSign(Compressor):
@@ -58,19 +56,8 @@ class ScaledSign(Compressor):
             return tc.to_host_bytes([tc.float32_be(scale), tc.pack_signs(flat)])
         w = BitWriter()
         w.write_float32(scale.cpu().numpy())
-        w.write_bytes(self._sign_bits(flat))
+        w.write_bytes(fc.sign_bits(flat))
         return w.getvalue()
-
-    @staticmethod
-    def _sign_bits(flat: torch.Tensor) -> np.ndarray:
-        n = flat.numel()
-        out = np.empty((n + 7) // 8, dtype=np.uint8)
-        buf = torch.empty(min(n, _PACK_CHUNK), dtype=torch.bool)
-        for i in range(0, n, _PACK_CHUNK):
-            k = min(_PACK_CHUNK, n - i)
-            torch.lt(flat[i:i + k], 0, out=buf[:k])
-            out[i // 8:(i + k + 7) // 8] = np.packbits(buf[:k].numpy())
-        return out
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         r = BitReader(body)
@@ -82,9 +69,12 @@ class ScaledSign(Compressor):
             r.expect_end()
             bits = tc.unpack(tc.from_host_bytes(body, start, len(body) - start, device),
                              numel, 1)
-        else:
-            bits = torch.from_numpy(r.read_uint8(numel, 1))
+        else:  # bit 0 -> +m, bit 1 -> -m, in one compiled pass over the packed bits
+            start = r.pos // 8
+            r.skip(numel)
             r.expect_end()
-        # (bit - 1/2) * (-2 m): bit 0 -> +m, bit 1 -> -m, exactly.
+            return fc.signs_times(np.frombuffer(body, np.uint8, offset=start), numel,
+                                  self.bucket_size, scale)
+        # (bit - 1/2) * (-2 m): bit 0 -> +m, bit 1 -> -m, exactly (the kernel's values).
         neg2m = torch.from_numpy(-2.0 * scale).to(device)
         return fc.affine_dequantize(bits.to(device), self.bucket_size, neg2m, 0.5)

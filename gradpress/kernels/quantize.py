@@ -199,6 +199,52 @@ def _dequantize(sym, b, inv, c, out):  # pragma: no cover - compiled
             s = stop
 
 
+@kernel
+def _pack_signs(x, out):  # pragma: no cover - compiled
+    n = x.size
+    for g in prange(out.size):
+        acc = np.uint8(0)
+        for t in range(8):
+            i = 8 * g + t
+            neg = i < n and x[i] < 0
+            acc = np.uint8((acc << np.uint8(1)) | np.uint8(neg))
+        out[g] = acc
+
+
+@kernel
+def _unpack_signs(bits, b, m, out):  # pragma: no cover - compiled
+    n = out.size
+    for t in prange((n + TILE - 1) // TILE):
+        s = t * TILE
+        e = min(n, s + TILE)
+        while s < e:
+            j = s // b
+            stop = min(e, (j + 1) * b)
+            mj = m[j]
+            for i in range(s, stop):
+                neg = (bits[i >> 3] >> np.uint8(7 - (i & 7))) & np.uint8(1)
+                out[i] = -mj if neg else mj
+            s = stop
+
+
+def sign_bits(flat: torch.Tensor) -> np.ndarray:
+    """``np.packbits(flat < 0)`` of a CPU float32 tensor in one compiled pass (no bool
+    temporary): bit ``i`` is 1 where ``x_i < 0``, MSB first."""
+    out = np.empty((flat.numel() + 7) // 8, dtype=np.uint8)
+    _pack_signs(flat.numpy(), out)
+    return out
+
+
+def signs_times(bits: np.ndarray, n: int, bucket_size: int | None, m: np.ndarray
+                ) -> torch.Tensor:
+    """``-m_j`` where bit ``i`` of ``bits`` (MSB first) is 1, ``+m_j`` where it is 0, for
+    ``n`` elements in buckets of ``bucket_size`` (float32, CPU, one compiled pass)."""
+    b = min(bucket_size or n, n)
+    out = np.empty(n, dtype=np.float32)
+    _unpack_signs(np.ascontiguousarray(bits, dtype=np.uint8), b, m.astype(np.float32), out)
+    return torch.from_numpy(out)
+
+
 def bucket_scales(flat: torch.Tensor, bucket_size: int | None, norm: str) -> torch.Tensor:
     """Per-bucket ``l2`` or ``linf`` norm (float32, on ``flat``'s device); a compiled kernel
     on CPU when there are enough buckets to share out, torch's reductions otherwise."""
