@@ -149,3 +149,16 @@ def test_sign_kernels_are_packbits_and_plus_minus_the_bucket_mean(n):
         want = np.where((x < 0).numpy(), -1.0, 1.0).astype(np.float32) * np.repeat(
             m, b or n)[:n]
         assert np.array_equal(fc.signs_times(bits, n, b, m).numpy(), want)
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_pack_into_a_given_buffer_writes_the_same_bytes(width):
+    from gradpress.codec.packing import pack_uint8
+
+    v = np.random.default_rng(width).integers(0, 1 << width, 1003).astype(np.uint8)
+    want = pack_uint8(v, width)
+    buf = np.full(want.size + 3, 0xAB, dtype=np.uint8)
+    assert pack_uint8(v, width, out=buf[2:-1]) is not None
+    assert np.array_equal(buf[2:-1], want) and (buf[:2] == 0xAB).all() and buf[-1] == 0xAB
+    with pytest.raises(ValueError, match="out must be"):
+        pack_uint8(v, width, out=buf)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gradpress.codec import BitReader, BitWriter, huffman, read_categorical, write_categorical
+from gradpress.codec.packing import pack_uint8
 from gradpress.compressors.base import Compressor
 from gradpress.errors import PayloadError
 from gradpress.kernels import quantize as fc
@@ -175,9 +176,14 @@ class UniformQuantizer(Compressor):
             mode = torch.full((1,), DENSE, dtype=torch.uint8, device=sym.device)
             return tc.to_host_bytes([mode, tc.float32_be(scale.to(sym.device)),
                                      tc.pack(sym, self.width)])
-        w = self._start(DENSE, scale)
-        w.write_uint(sym.numpy(), self.width)
-        return w.getvalue()
+        # Packed straight into one buffer, one copy to bytes: the symbols come from our own
+        # clamped rounding, so BitWriter's range scan and its two copies are not needed.
+        head = 1 + 4 * scale.numel()
+        out = np.empty(head + (sym.numel() * self.width + 7) // 8, dtype=np.uint8)
+        out[0] = DENSE
+        out[1:head] = scale.cpu().numpy().astype(">f4").view(np.uint8)
+        pack_uint8(sym.numpy(), self.width, out=out[head:])
+        return out.tobytes()
 
     def _sparse_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes | None:
         return None
