@@ -34,7 +34,9 @@ them (``qsgd`` with ``sparse=True``, ``ecq`` with its default ``entropy="best"``
 its symbols to the host to size those codes; the dense code is still packed on device.
 
 **Same bytes on every device** holds for the dither, the rounding and the packing given
-the same float32 scales. ``linf`` scales (maxima) are exact on every device; ``l2`` norms
+the same float32 scales. Natural dithering and natural compression still round with
+torch's generator (only natural dithering's packing is here), so their bytes differ
+between devices. ``linf`` scales (maxima) are exact on every device; ``l2`` norms
 and sign's mean ``|x|`` are sums, whose last bit follows the device's reduction order, so
 a bucket whose norm rounds differently on another device quantizes differently.
 
