@@ -36,6 +36,16 @@ from gradpress.kernels import torch_codes as tc
 FP16_MIN_NORMAL = 2.0**-14
 
 
+def _fresh_float32(n: int, device: torch.device) -> torch.Tensor:
+    """An uninitialized float32 tensor of ``n`` elements. On CPU through numpy, which asks
+    the kernel for transparent huge pages on large arrays (``madvise``); torch's CPU
+    allocator does not, and faulting in 64 MiB of 4 KiB pages cost 39 ms of CPU against
+    numpy's 10 ms on this project's machine (2^24 elements, min of 7)."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.float32, device=device)
+    return torch.from_numpy(np.empty(n, dtype=np.float32))
+
+
 class _Cast(Compressor):
     wire_dtype: ClassVar[torch.dtype]
     unit_roundoff: ClassVar[float]
@@ -79,7 +89,7 @@ class _Cast(Compressor):
         y = raw.view(torch.int16 if size == 2 else torch.int32).view(self.wire_dtype)
         if not bool(torch.isfinite(torch.stack(torch.aminmax(y))).all()):  # one pass, no temp
             raise PayloadError(f"{self.name} payload holds non-finite values")
-        return torch.empty(numel, dtype=torch.float32, device=device).copy_(y)
+        return _fresh_float32(numel, device).copy_(y)
 
 
 @register
