@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Compressor specs are registry names, optionally with constructor arguments: "
-               "'qsgd:s=4,bucket_size=256'. Ratios are t_clone / t_op: 0.2 means the "
-               "operation moves the tensor at a fifth of the speed of copying it.")
+               "'qsgd:s=4,bucket_size=256'. Ratios are t_copy / t_op: 0.2 means the "
+               "operation moves the tensor at a fifth of the speed of copying it. Fresh "
+               "allocations (the body bytes, the decoded tensor) page-fault: to measure "
+               "with transparent huge pages for malloc, run under "
+               "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35) and say so.")
     ap.add_argument("--numel", type=int, default=1 << 24, help="elements (default 2^24)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per operation (median)")
     ap.add_argument("--compressors", nargs="+", default=None, metavar="SPEC",

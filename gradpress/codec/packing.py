@@ -45,19 +45,26 @@ def _unpack(d, n, width, out):  # pragma: no cover - compiled
                 out[i] = np.uint8((acc >> np.uint64(width * (7 - t))) & mask)
 
 
-def pack_uint8(values: np.ndarray, width: int) -> np.ndarray:
+def pack_uint8(values: np.ndarray, width: int, out: np.ndarray | None = None) -> np.ndarray:
     """Packed bytes (MSB first, last byte zero-padded) of ``values`` in ``width`` bits each,
     ``width`` in 1..8, equal to ``np.packbits(uint_to_bits(values, width))``. Values must
-    already fit in ``width`` bits (unchecked: higher bits would spill into the neighbours)."""
+    already fit in ``width`` bits (unchecked: higher bits would spill into the neighbours).
+    ``out``: a contiguous ``uint8`` array of exactly ``ceil(n*width/8)`` bytes to write
+    into (returned), instead of a new one."""
     if not 1 <= width <= 8:
         raise ValueError(f"pack_uint8 takes widths 1..8, got {width}")
     v = np.ascontiguousarray(values).reshape(-1).astype(np.uint8, copy=False)
+    nbytes = (v.size * width + 7) // 8
+    if out is None:
+        out = np.empty(nbytes, dtype=np.uint8)
+    elif out.shape != (nbytes,) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous uint8 array of {nbytes} bytes")
     if width == 8:
-        return v.copy()
-    if width == 1:
-        return np.packbits(v)
-    out = np.empty((v.size * width + 7) // 8, dtype=np.uint8)
-    _pack(v, width, out)
+        out[:] = v
+    elif width == 1:
+        out[:] = np.packbits(v)
+    else:
+        _pack(v, width, out)
     return out
 
 

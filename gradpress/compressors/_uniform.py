@@ -9,6 +9,11 @@ entropy codes asked for: the range code (``entropy=True``/``"range"``), the per-
 canonical Huffman code (``"huffman"``, for at most 16 levels) or both (``"best"``). Ties go
 to the first of dense, sparse, Huffman, range. The paper modules (``qsgd.py``, ``ecq.py``,
 ``terngrad.py``, ``natural.py``) choose the grid.
+
+Devices: the dense code is built and read with torch ops on the tensor's own device
+(:mod:`gradpress.kernels.torch_codes`; on CPU with numba unless ``GRADPRESS_TORCH_CODES=1``),
+the same bytes either way. The sparse, Huffman and range codes run on the host: a quantizer
+configured to try them copies its symbols to the host once per call.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import numpy as np
 import torch
 
 from gradpress.codec import BitReader, BitWriter, huffman, read_categorical, write_categorical
+from gradpress.codec.packing import pack_uint8
 from gradpress.compressors.base import Compressor
 from gradpress.errors import PayloadError
 from gradpress.kernels import quantize as fc
+from gradpress.kernels import torch_codes as tc
 from gradpress.payload import header_size
 
 DENSE, SPARSE, ENTROPY, HUFFMAN = 0, 1, 2, 3
@@ -50,6 +57,8 @@ class UniformQuantizer(Compressor):
 
     unbiased = True
     norm: str = "l2"
+    #: Whether the encoder tries a subclass's sparse code (``_sparse_body``) besides the dense.
+    sparse: bool = False
 
     def __init__(self, bucket_size: int | None, entropy: bool | str) -> None:
         self.bucket_size = _check_bucket(bucket_size)
@@ -108,19 +117,23 @@ class UniformQuantizer(Compressor):
 
     def _body(self, scale: torch.Tensor, sym: torch.Tensor) -> bytes:
         """The smallest of the dense code, the sparse code and the entropy codes asked for
-        (ties: the first of dense, sparse, Huffman, range)."""
-        sym_np = sym.cpu().numpy()
-        best, size = None, (self._header_bits(sym_np.size) + sym_np.size * self.width + 7) // 8
-        codes = [self._sparse_body]  # returns None unless smaller than the dense code
+        (ties: the first of dense, sparse, Huffman, range). Only a quantizer that tries a
+        host-side code copies its symbols to the host."""
+        n = sym.numel()
+        best, size = None, (self._header_bits(n) + n * self.width + 7) // 8
+        codes = []
+        if self.sparse:
+            codes.append(self._sparse_body)  # returns None unless smaller than the dense code
         if self.entropy in ("huffman", "best") and self.levels <= huffman.MAX_SYMBOLS:
             codes.append(self._huffman_body)
         if self.entropy in ("range", "best"):
             codes.append(self._range_body)
+        sym_np = sym.cpu().numpy() if codes else None
         for code in codes:
             body = code(scale, sym_np)
             if body is not None and len(body) < size:
                 best, size = body, len(body)
-        return best if best is not None else self._dense_body(scale, sym_np)
+        return best if best is not None else self._dense_body(scale, sym)
 
     def _range_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes:
         w = self._start(ENTROPY, scale)
@@ -156,10 +169,21 @@ class UniformQuantizer(Compressor):
         w.write_float32(scale.cpu().numpy())
         return w
 
-    def _dense_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes:
-        w = self._start(DENSE, scale)
-        w.write_uint(sym_np, self.width)
-        return w.getvalue()
+    def _dense_body(self, scale: torch.Tensor, sym: torch.Tensor) -> bytes:
+        """Mode byte, big-endian float32 scales, then ``width`` bits a symbol (MSB first);
+        packed on ``sym``'s device by torch ops there (or forced on CPU), else by numba."""
+        if tc.use_torch_codes(sym.device):
+            mode = torch.full((1,), DENSE, dtype=torch.uint8, device=sym.device)
+            return tc.to_host_bytes([mode, tc.float32_be(scale.to(sym.device)),
+                                     tc.pack(sym, self.width)])
+        # Packed straight into one buffer, one copy to bytes: the symbols come from our own
+        # clamped rounding, so BitWriter's range scan and its two copies are not needed.
+        head = 1 + 4 * scale.numel()
+        out = np.empty(head + (sym.numel() * self.width + 7) // 8, dtype=np.uint8)
+        out[0] = DENSE
+        out[1:head] = scale.cpu().numpy().astype(">f4").view(np.uint8)
+        pack_uint8(sym.numpy(), self.width, out=out[head:])
+        return out.tobytes()
 
     def _sparse_body(self, scale: torch.Tensor, sym_np: np.ndarray) -> bytes | None:
         return None
@@ -170,6 +194,8 @@ class UniformQuantizer(Compressor):
         nb = fc.n_buckets(numel, self.bucket_size)
         scale = fc.read_scales(r.read_float32(nb))
         inv = torch.from_numpy((scale.astype(np.float64) / self.gain).astype(np.float32))
+        if mode == DENSE and tc.use_torch_codes(device):
+            return self._decode_dense_on(device, body, r, scale, numel)
         if mode == DENSE:
             sym_np = r.read_uint8(numel, self.width)
             r.expect_end()
@@ -204,6 +230,19 @@ class UniformQuantizer(Compressor):
             raise PayloadError(f"{self.name} payload holds a symbol outside 0..{self.levels - 1}")
         return self._dequantize(torch.from_numpy(scale).to(device),
                                 torch.from_numpy(sym_np).to(device))
+
+    def _decode_dense_on(self, device: torch.device, body: bytes, r: BitReader,
+                         scale: np.ndarray, numel: int) -> torch.Tensor:
+        """The dense code unpacked and dequantized by torch ops on ``device``: the body goes
+        to the device once; one scalar sync checks the symbols' range."""
+        start = r.pos // 8  # mode byte and float32 scales: byte-aligned
+        r.skip(numel * self.width)
+        r.expect_end()
+        data = tc.from_host_bytes(body, start, len(body) - start, device)
+        sym = tc.unpack(data, numel, self.width)
+        if self.levels < 1 << self.width and bool((sym >= self.levels).any()):
+            raise PayloadError(f"{self.name} payload holds a symbol outside 0..{self.levels - 1}")
+        return self._dequantize(torch.from_numpy(scale).to(device), sym)
 
     def _dequantize(self, scale: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
         """Decoded values of symbols ``sym`` (``uint8``) under float32 bucket ``scale``:

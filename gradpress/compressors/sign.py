@@ -7,7 +7,9 @@
 
 which is deterministic and contractive: ``||C(v) - v||^2 = ||v||^2 - ||v||_1^2 / n
 <= (1 - 1/n) ||v||^2``, so ``alpha = 1 / min(bucket_size, d)``. Bits: ``32`` per bucket
-(the float32 scale) plus ``1`` per coordinate: ``32*#buckets + d``.
+(the float32 scale) plus ``1`` per coordinate: ``32*#buckets + d``. Off the CPU (or under
+``GRADPRESS_TORCH_CODES=1``) the bits are packed and read by torch ops on the tensor's
+device (:mod:`gradpress.kernels.torch_codes`), the same bytes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from gradpress.compressors._uniform import _check_bucket
 from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
 from gradpress.kernels import quantize as fc
-
-_PACK_CHUNK = fc.CHUNK // 8 * 8  # elements per chunk when packing sign bits (a multiple of 8)
+from gradpress.kernels import torch_codes as tc
 
 
 @register
@@ -51,31 +52,29 @@ class ScaledSign(Compressor):
     def _encode(self, flat: torch.Tensor, gen: torch.Generator, seed: int) -> bytes:
         scale = fc.bucket_reduce(flat, self.bucket_size, "mean_abs")
         fc.check_scales(scale, "bucket mean")
+        if tc.use_torch_codes(flat.device):
+            return tc.to_host_bytes([tc.float32_be(scale), tc.pack_signs(flat)])
         w = BitWriter()
         w.write_float32(scale.cpu().numpy())
-        w.write_bytes(self._sign_bits(flat))
+        w.write_bytes(fc.sign_bits(flat))
         return w.getvalue()
-
-    @staticmethod
-    def _sign_bits(flat: torch.Tensor) -> np.ndarray:
-        n = flat.numel()
-        if flat.device.type != "cpu":
-            return np.packbits((flat < 0).cpu().numpy())
-        out = np.empty((n + 7) // 8, dtype=np.uint8)
-        buf = torch.empty(min(n, _PACK_CHUNK), dtype=torch.bool)
-        for i in range(0, n, _PACK_CHUNK):
-            k = min(_PACK_CHUNK, n - i)
-            torch.lt(flat[i:i + k], 0, out=buf[:k])
-            out[i // 8:(i + k + 7) // 8] = np.packbits(buf[:k].numpy())
-        return out
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         r = BitReader(body)
         scale = fc.read_scales(r.read_float32(fc.n_buckets(numel, self.bucket_size)),
                                "bucket mean")
-        bits = r.read_uint8(numel, 1)
-        r.expect_end()
-        # (bit - 1/2) * (-2 m): bit 0 -> +m, bit 1 -> -m, exactly.
+        if tc.use_torch_codes(device):
+            start = r.pos // 8
+            r.skip(numel)
+            r.expect_end()
+            bits = tc.unpack(tc.from_host_bytes(body, start, len(body) - start, device),
+                             numel, 1)
+        else:  # bit 0 -> +m, bit 1 -> -m, in one compiled pass over the packed bits
+            start = r.pos // 8
+            r.skip(numel)
+            r.expect_end()
+            return fc.signs_times(np.frombuffer(body, np.uint8, offset=start), numel,
+                                  self.bucket_size, scale)
+        # (bit - 1/2) * (-2 m): bit 0 -> +m, bit 1 -> -m, exactly (the kernel's values).
         neg2m = torch.from_numpy(-2.0 * scale).to(device)
-        return fc.affine_dequantize(torch.from_numpy(bits).to(device), self.bucket_size,
-                                    neg2m, 0.5)
+        return fc.affine_dequantize(bits.to(device), self.bucket_size, neg2m, 0.5)

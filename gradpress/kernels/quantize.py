@@ -9,7 +9,9 @@ Stochastic rounding. Every uniform quantizer of the zoo (QSGD, ECQ, TernGrad) ma
 
 so ``E[decoded] = x`` (rounding to the two neighbouring grid points with probabilities given by
 the distance). On CPU it is one kernel pass (:func:`scaled_quantize`) with a counter-based
-``r_i``; elsewhere whole-tensor torch ops. Other compressors' torch loops still walk the
+``r_i``; elsewhere the same hash and rounding in torch ops (:mod:`gradpress.kernels.torch_codes`,
+the same bytes; ``GRADPRESS_TORCH_CODES=1`` forces that path on CPU). Other compressors' torch
+loops still walk the
 tensor in cache-sized chunks (:data:`CHUNK`): on CPU a fresh 64 MB temporary costs as much
 in page faults as ``x.clone()`` itself.
 """
@@ -22,6 +24,7 @@ from numba import prange
 
 from gradpress.errors import PayloadError
 from gradpress.kernels import jit as _jit
+from gradpress.kernels import torch_codes as tc
 from gradpress.kernels.jit import kernel, serial
 
 #: Elements per chunk on CPU: 125 KiB of float32 stays in cache across the pipeline's ops,
@@ -196,6 +199,52 @@ def _dequantize(sym, b, inv, c, out):  # pragma: no cover - compiled
             s = stop
 
 
+@kernel
+def _pack_signs(x, out):  # pragma: no cover - compiled
+    n = x.size
+    for g in prange(out.size):
+        acc = np.uint8(0)
+        for t in range(8):
+            i = 8 * g + t
+            neg = i < n and x[i] < 0
+            acc = np.uint8((acc << np.uint8(1)) | np.uint8(neg))
+        out[g] = acc
+
+
+@kernel
+def _unpack_signs(bits, b, m, out):  # pragma: no cover - compiled
+    n = out.size
+    for t in prange((n + TILE - 1) // TILE):
+        s = t * TILE
+        e = min(n, s + TILE)
+        while s < e:
+            j = s // b
+            stop = min(e, (j + 1) * b)
+            mj = m[j]
+            for i in range(s, stop):
+                neg = (bits[i >> 3] >> np.uint8(7 - (i & 7))) & np.uint8(1)
+                out[i] = -mj if neg else mj
+            s = stop
+
+
+def sign_bits(flat: torch.Tensor) -> np.ndarray:
+    """``np.packbits(flat < 0)`` of a CPU float32 tensor in one compiled pass (no bool
+    temporary): bit ``i`` is 1 where ``x_i < 0``, MSB first."""
+    out = np.empty((flat.numel() + 7) // 8, dtype=np.uint8)
+    _pack_signs(flat.numpy(), out)
+    return out
+
+
+def signs_times(bits: np.ndarray, n: int, bucket_size: int | None, m: np.ndarray
+                ) -> torch.Tensor:
+    """``-m_j`` where bit ``i`` of ``bits`` (MSB first) is 1, ``+m_j`` where it is 0, for
+    ``n`` elements in buckets of ``bucket_size`` (float32, CPU, one compiled pass)."""
+    b = min(bucket_size or n, n)
+    out = np.empty(n, dtype=np.float32)
+    _unpack_signs(np.ascontiguousarray(bits, dtype=np.uint8), b, m.astype(np.float32), out)
+    return torch.from_numpy(out)
+
+
 def bucket_scales(flat: torch.Tensor, bucket_size: int | None, norm: str) -> torch.Tensor:
     """Per-bucket ``l2`` or ``linf`` norm (float32, on ``flat``'s device); a compiled kernel
     on CPU when there are enough buckets to share out, torch's reductions otherwise."""
@@ -219,46 +268,32 @@ def scaled_quantize(flat: torch.Tensor, bucket_size: int | None, norm: str, gain
     On CPU the dither ``r_i`` is counter-based: 24 bits of ``mix(mix(i ^ k0) ^ k1)`` with
     keys from ``seed`` (:func:`stream_keys`), so the kernel runs in parallel and the bytes do
     not depend on the thread count. Rounding up then happens with probability
-    ``ceil(2^24 frac)/2^24``: unbiased to within ``2^-24`` of a grid step. Other devices use
-    ``gen`` (torch's generator for ``seed``), so their bytes differ from the CPU's.
+    ``ceil(2^24 frac)/2^24``: unbiased to within ``2^-24`` of a grid step. Other devices (and
+    CPU tensors under ``GRADPRESS_TORCH_CODES=1``) compute the same hash and rounding in
+    torch ops on the tensor's device (:func:`gradpress.kernels.torch_codes.quantize`): the
+    same symbols. ``gen`` is unused (kept for callers).
     """
     n = flat.numel()
     b = min(bucket_size or n, n)
     scale = bucket_scales(flat, b, norm)
     check_scales(scale)
     a = torch.where(scale > 0, gain / scale, torch.zeros_like(scale))
-    if flat.device.type == "cpu":
-        out = np.empty(n, dtype=np.uint8)
-        k0, k1 = stream_keys(seed)
-        _quantize(flat.numpy(), b, a.numpy(), np.float32(c), np.float32(levels - 1),
-               k0, k1, out)
-        return scale, torch.from_numpy(out)
-    return scale, quantize_torch(flat, b, a, c, levels, gen)
-
-
-def quantize_torch(flat: torch.Tensor, b: int, a: torch.Tensor, c: float, levels: int,
-                   gen: torch.Generator) -> torch.Tensor:
-    """Whole-tensor torch version of the rounding step (any device; ``gen`` on it)."""
-    u = _per_bucket(flat, b, a).add_(c)
-    fl = torch.floor(u)
-    r = torch.rand(u.shape, generator=gen, device=u.device)
-    return (fl + (r < u - fl)).clamp_(0, levels - 1).to(torch.uint8)
-
-
-def _per_bucket(v: torch.Tensor, b: int, m: torch.Tensor) -> torch.Tensor:
-    """``v_i * m_{i // b}`` as a new float32 tensor (the last bucket may be short)."""
-    n = v.numel()
-    idx = torch.arange(n, device=v.device) // b
-    return v.float() * m[idx]
+    k0, k1 = stream_keys(seed)
+    if tc.use_torch_codes(flat.device):
+        return scale, tc.quantize(flat, b, a, c, levels, int(k0), int(k1))
+    out = np.empty(n, dtype=np.uint8)
+    _quantize(flat.numpy(), b, a.numpy(), np.float32(c), np.float32(levels - 1), k0, k1, out)
+    return scale, torch.from_numpy(out)
 
 
 def affine_dequantize(sym: torch.Tensor, bucket_size: int | None, inv_a: torch.Tensor,
                       c: float) -> torch.Tensor:
-    """``(sym_i - c) * inv_a_j`` as float32 (a compiled kernel on CPU)."""
+    """``(sym_i - c) * inv_a_j`` as float32 (a compiled kernel on CPU, torch ops on other
+    devices or under ``GRADPRESS_TORCH_CODES=1``: the same floats)."""
     n = sym.numel()
     b = min(bucket_size or n, n)
-    if sym.device.type != "cpu":
-        return _per_bucket(sym.float().sub_(c), b, inv_a.float())
+    if tc.use_torch_codes(sym.device):
+        return tc.dequantize(sym, b, inv_a, c)
     out = np.empty(n, dtype=np.float32)
     _dequantize(sym.numpy(), b, inv_a.float().numpy(), np.float32(c), out)
     return torch.from_numpy(out)
