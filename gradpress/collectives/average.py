@@ -68,7 +68,7 @@ def mean_of_payloads(comp: Compressor, entries: list[Entry], rank: int,
     decode leaves it untouched.
     """
     check_statuses(comp, entries, where)
-    valid = [r for r, e in enumerate(entries) if isinstance(e, bytes)]
+    valid = [r for r, e in enumerate(entries) if not isinstance(e, int)]
     if not valid:
         return torch.zeros(numel, dtype=torch.float32, device=device)
     if len(valid) != 2:
@@ -89,3 +89,33 @@ def mean_of_payloads(comp: Compressor, entries: list[Entry], rank: int,
             acc.add_(dec)
     acc = first.clone() if acc is None else acc
     return acc.div_(len(valid))
+
+
+def mean_into(comp: Compressor, entries: list[Entry], rank: int, own: torch.Tensor | None,
+              out: torch.Tensor, where: str) -> torch.Tensor:
+    """:func:`mean_of_payloads` written into ``out`` (flat float32, reused across steps)
+    with no new full-size tensor: every payload is checked first
+    (:meth:`~gradpress.compressors.Compressor.prepare_decode`), so a bad one raises
+    :class:`PeerError` with ``out`` untouched; then ``out = dec_0``, ``out += dec_r`` in
+    rank order, ``out /= n``: the same float operations as :func:`mean_of_payloads`.
+    ``own`` is this rank's decoded message where it is at hand (else its bytes are
+    decoded like the others')."""
+    check_statuses(comp, entries, where)
+    valid = [r for r, e in enumerate(entries) if not isinstance(e, int)]
+    if not valid:
+        return out.zero_()
+    writers = []
+    for r in valid:
+        if r == rank and own is not None:
+            src = own.reshape(-1)
+            writers.append(lambda o, add, src=src: o.add_(src) if add else o.copy_(src))
+            continue
+        try:
+            writers.append(comp.prepare_decode(entries[r], out))
+        except PayloadError as err:
+            raise PeerError(f"{where}: the payload from rank {r} is unusable ({err}); "
+                            "corrupted in transit, or do all ranks use the same compressor?"
+                            ) from err
+    for n, write in enumerate(writers):
+        write(out, n > 0)
+    return out.div_(len(valid))

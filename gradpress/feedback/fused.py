@@ -1,0 +1,71 @@
+"""One fused step of worker feedback and compressor: ``to_send``, ``encode`` into a
+reusable buffer and ``commit``, with the residual updated in place.
+
+For a supported pair (:func:`fused_coefs`: ECQ-SGD's ``ECQFeedback(alpha, beta)``, classic
+``ErrorFeedback`` = ``alpha = beta = 1`` or ``NoFeedback``; a compressor that
+:func:`gradpress.compressors.fused.plan_for` accepts) :func:`encode_with_feedback` gives the
+same payload bytes as ``comp.encode(fb.to_send(k, g), seed)`` and leaves the same residual
+as ``fb.commit(k, g, decode(payload))`` (Wu et al. 2018, Sec. 4:
+``h <- beta h + g - Q(g + alpha h)``), bit for bit, in two passes over ``g`` and no new
+full-size tensor after the first step (which allocates ``h``). Other pairs return ``None``
+and the caller takes the generic path.
+
+The residual is written in place, so a caller that must be able to undo a step (the DDP
+hook with ``on_nonfinite="skip"``) uses the generic path, whose ``commit`` replaces it.
+Bits: the compressor's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradpress.compressors import Compressor
+from gradpress.compressors.fused import Workspace, fused_encode, plan_for
+from gradpress.feedback.base import Feedback, NoFeedback
+from gradpress.feedback.ecq import ECQFeedback
+from gradpress.feedback.ef import ErrorFeedback
+from gradpress.payload import PayloadView
+
+
+def fused_coefs(fb: Feedback) -> tuple[float, float | None, str | None] | None:
+    """``(alpha, beta, state name)`` of ``v = g + alpha h``, ``h <- (beta h + g) - sent``
+    for the feedbacks the fused kernels implement (``beta``/name ``None``: no state), else
+    ``None``. Exact types only: a subclass may change the recursion."""
+    if type(fb) is ECQFeedback:
+        return fb.alpha, fb.beta, "h"
+    if type(fb) is ErrorFeedback:
+        return 1.0, 1.0, "e"
+    if type(fb) is NoFeedback:
+        return 0.0, None, None
+    return None
+
+
+def supports(comp: Compressor, fb: Feedback, g: torch.Tensor) -> bool:
+    """Whether :func:`encode_with_feedback` takes the fused path for this pair and bucket."""
+    return fused_coefs(fb) is not None and plan_for(comp, g) is not None
+
+
+def encode_with_feedback(comp: Compressor, fb: Feedback, key: str, g: torch.Tensor,
+                         out: torch.Tensor | np.ndarray, *, seed: int = 0, crc: bool = False,
+                         ws: Workspace | None = None) -> PayloadView | None:
+    """Steps 1-2 of the hook for this rank's bucket ``g``: the payload of
+    ``fb.to_send(key, g)`` written into ``out`` and ``fb``'s state for ``key`` committed in
+    place; ``None`` (nothing touched) where the pair or ``g`` has no fused path. Raises
+    :class:`~gradpress.errors.NonFiniteGradientError` / ``ValueError`` before any state
+    changes."""
+    coefs = fused_coefs(fb)
+    if coefs is None or not isinstance(key, str) or plan_for(comp, g) is None:
+        return None
+    alpha, beta, name = coefs
+    st = fb._state.get(key, {})
+    h = st.get(name) if name else None
+    if h is not None and (h.shape != g.shape or plan_for(comp, h) is None):
+        return None  # the generic path raises the shape error or converts the state
+    fresh = name is not None and h is None
+    hout = torch.empty(g.shape, dtype=torch.float32) if fresh else h
+    view = fused_encode(comp, g, out, seed=seed, crc=crc, ws=ws, h=h, alpha=alpha,
+                        beta=beta, hout=hout, what=f"gradient for key {key!r}")
+    if fresh and view is not None:
+        fb._state[key] = {**st, name: hout}
+    return view
