@@ -38,19 +38,23 @@ def decode_entry(comp: Compressor, entry: bytes, numel: int, sender: int, where:
                         ) from err
 
 
+def _is(entry: Entry, status: int) -> bool:
+    return isinstance(entry, int) and entry == status
+
+
 def check_statuses(comp: Compressor, entries: list[Entry], where: str) -> None:
     """Raise the same error on every rank that sees these entries: a rank that failed to
     compress, a NaN/Inf gradient, a payload over the declared bound."""
-    failed = [r for r, e in enumerate(entries) if e == STATUS_ERROR]
+    failed = [r for r, e in enumerate(entries) if _is(e, STATUS_ERROR)]
     if failed:
         raise PeerError(f"{where}: rank(s) {failed} failed to compress their gradient (their "
                         "own logs say why); this rank stops with them")
-    nonfinite = [r for r, e in enumerate(entries) if e == STATUS_NONFINITE]
+    nonfinite = [r for r, e in enumerate(entries) if _is(e, STATUS_NONFINITE)]
     if nonfinite:
         raise NonFiniteGradientError(
             f"{where}: rank(s) {nonfinite} had NaN/Inf gradients; fix the loss or clip, or "
             "use CompressionState(on_nonfinite='skip')")
-    over = [r for r, e in enumerate(entries) if e == STATUS_OVERFLOW]
+    over = [r for r, e in enumerate(entries) if _is(e, STATUS_OVERFLOW)]
     if over:
         raise PeerError(f"{where}: rank(s) {over} produced payloads larger than "
                         f"{comp.name}'s declared bound; report this as a bug")

@@ -25,6 +25,7 @@ point for a torch version is :func:`plan_for`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,20 @@ def fused_encode(comp: Compressor, g: torch.Tensor, out: torch.Tensor | np.ndarr
 
     Raises :class:`NonFiniteGradientError` for NaN/Inf in ``v`` and ``ValueError`` for an
     overflowing scale or a buffer smaller than the compressor's bound, before writing."""
+    run = prepare_fused(comp, g, out, seed=seed, crc=crc, ws=ws, h=h, alpha=alpha,
+                        beta=beta, hout=hout, what=what)
+    return None if run is None else run()
+
+
+def prepare_fused(comp: Compressor, g: torch.Tensor, out: torch.Tensor | np.ndarray, *,
+                  seed: int = 0, crc: bool = False, ws: Workspace | None = None,
+                  h: torch.Tensor | None = None, alpha: float = 0.0,
+                  beta: float | None = None, hout: torch.Tensor | None = None,
+                  what: str = "gradient", tag: str = ""
+                  ) -> Callable[[], PayloadView] | None:
+    """Pass 1 and every check of :func:`fused_encode`; returns pass 2 (which cannot fail)
+    as a function, so a caller encoding several pieces (the two-phase shards) can check
+    them all before writing any residual. ``tag`` names this piece's scratch in ``ws``."""
     plan = plan_for(comp, g)
     if plan is None or (h is not None and plan_for(comp, h) is None):
         return None
@@ -116,12 +131,12 @@ def fused_encode(comp: Compressor, g: torch.Tensor, out: torch.Tensor | np.ndarr
     a32 = np.float32(alpha)
     bsz = min(comp.bucket_size or n, n)
     nb = fc.n_buckets(n, bsz)
-    scale = ws.array("scale", nb, np.float32)
+    scale = ws.array("scale" + tag, nb, np.float32)
     norm = "mean_abs" if plan.kind == "sign" else comp.norm
     if fc.uses_norm_kernel(nb, norm):  # pass 1 without a temporary
         bad = fk._fb_norms(gn, hn, a32, use_h, bsz, norm == "l2", scale)
     else:  # the scale is a torch reduction: the same function on the same floats
-        v = ws.array("v", n, np.float32)
+        v = ws.array("v" + tag, n, np.float32)
         bad = fk._fb_write_v(gn, hn, a32, use_h, v)
         if not bad:
             scale[:] = fc.bucket_reduce(torch.from_numpy(v), bsz, norm).numpy()
@@ -143,7 +158,23 @@ def fused_encode(comp: Compressor, g: torch.Tensor, out: torch.Tensor | np.ndarr
     if h_mode != fk.H_NONE and (hw.size != n or hw.dtype != np.float32):
         raise ValueError("hout must be a float32 tensor shaped like the gradient")
     b32 = np.float32(beta or 0.0)
-    body = buf[hsize:]
+
+    def run() -> PayloadView:
+        body_len = _pass2(comp, plan, ws, gn, hn, a32, use_h, b32, h_mode, bsz, nb, scale,
+                          seed, buf[hsize:], hw)
+        view = memoryview(buf)
+        write_header_into(view, comp.compressor_id, torch.float32, shape, body_len, crc=crc,
+                          digest=comp.config_digest(shape))
+        if crc:
+            finish_crc_into(view, hsize, body_len)
+        return PayloadView(buf[:hsize + body_len], hsize + body_len)
+    return run
+
+
+def _pass2(comp, plan: Plan, ws: Workspace, gn, hn, a32, use_h, b32, h_mode, bsz, nb, scale,
+           seed, body, hw) -> int:
+    """Symbols, packing, decoded values and residual; returns the body's length."""
+    n = gn.size
     if plan.kind == "sign":
         body[:4 * nb] = scale.astype(">f4").view(np.uint8)
         fk._fb_sign(gn, hn, a32, use_h, b32, h_mode, bsz, scale, body, 4 * nb, hw)
@@ -169,9 +200,4 @@ def fused_encode(comp: Compressor, g: torch.Tensor, out: torch.Tensor | np.ndarr
             raw = comp._body(torch.from_numpy(scale.copy()), torch.from_numpy(sym))
             body_len = len(raw)
             body[:body_len] = np.frombuffer(raw, dtype=np.uint8)
-    view = memoryview(buf)
-    write_header_into(view, comp.compressor_id, torch.float32, shape, body_len, crc=crc,
-                      digest=comp.config_digest(shape))
-    if crc:
-        finish_crc_into(view, hsize, body_len)
-    return PayloadView(buf[:hsize + body_len], hsize + body_len)
+    return body_len

@@ -59,7 +59,7 @@ from gradpress.collectives.allgather import (
     write_frame,
 )
 from gradpress.collectives.average import mean_into, mean_of_payloads
-from gradpress.collectives.two_phase import TwoPhaseBucket
+from gradpress.collectives.two_phase import TwoPhaseBucket, shard_capacity
 from gradpress.compressors import Compressor
 from gradpress.ddp.state import (
     BucketBuffers,
@@ -104,12 +104,20 @@ def _two_phase(state: CompressionState, buffer: torch.Tensor, index: int, rank: 
     if state.bounded is True and payload_bound(state.compressor, 1) is None:
         raise ValueError(f"compressor {state.compressor.name!r} declares no payload bound; "
                          "use bounded='auto' or False")
+    world = dist.get_world_size(state.group)
+    cap = (shard_capacity(state.compressor, buffer.numel(), world, state.crc)
+           if state.bounded in (True, "auto") else None)
+    reuse = (cap is not None and state.on_nonfinite == "raise"
+             and comm_device(state.group).type == "cpu")
+    bufs = state._shard_buffers_for(index, world, cap, buffer.numel()) if reuse else None
+    out = (buffer if reuse and buffer.dtype == torch.float32 and buffer.is_contiguous()
+           and buffer.dim() == 1 else None)
     bucket = TwoPhaseBucket(
         state.compressor, state.feedback, state.server_feedback, key, buffer,
         seed_of=lambda j, side: _mix_seed(state.seed, it, index, rank, j, side),
         group=state.group, bounded=state.bounded in (True, "auto"), crc=state.crc,
         on_nonfinite=state.on_nonfinite, where=f"step {it}, bucket {index}",
-        undo=step.undo if state.on_nonfinite == "skip" else None)
+        undo=step.undo if state.on_nonfinite == "skip" else None, buffers=bufs, out=out)
     result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     state._pending.append((bucket, result, buffer, key, step))
     while len(state._pending) > (0 if is_last else 1):
@@ -143,7 +151,10 @@ def _gather_shards(state: CompressionState, bucket: TwoPhaseBucket,
                 _undo_step(step)
                 buffer.zero_()
             else:
-                buffer.copy_(state.feedback.apply(key, reduced))
+                update = (reduced if _identity_apply(state.feedback)
+                          else state.feedback.apply(key, reduced))
+                if not _same_memory(update, buffer):  # it may have been decoded into it
+                    buffer.copy_(update)
                 if step.skipped:  # another bucket of this step was skipped
                     _undo_step(step)
         except Exception as e:  # noqa: BLE001 - handed to DDP through the future

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradpress.collectives.two_phase import owner_key
+from gradpress.collectives.two_phase import ShardBuffers, owner_key
 from gradpress.compressors import Compressor, get
 from gradpress.compressors.fused import Workspace
 from gradpress.feedback import Feedback, NoFeedback
@@ -185,6 +185,7 @@ class CompressionState:
         self._pending: collections.deque = collections.deque()
         #: bucket index -> its reusable frames and scratch (:class:`BucketBuffers`)
         self._buffers: dict[int, BucketBuffers] = {}
+        self._shard_buffers: dict[int, ShardBuffers] = {}  #: the same for two_phase
 
     # -- helpers the hook uses -------------------------------------------------------------
     @property
@@ -226,6 +227,15 @@ class CompressionState:
         bufs = self._buffers.get(index)
         if bufs is None or bufs.frames.shape != (world, 4 + capacity):
             bufs = self._buffers[index] = BucketBuffers(world, capacity)
+        return bufs
+
+    def _shard_buffers_for(self, index: int, world: int, capacity: int, numel: int
+                           ) -> ShardBuffers:
+        """Bucket ``index``'s two-phase :class:`ShardBuffers`, reallocated only when its
+        size changed."""
+        bufs = self._shard_buffers.get(index)
+        if bufs is None or bufs.key != (world, capacity, numel):
+            bufs = self._shard_buffers[index] = ShardBuffers(world, capacity, numel)
         return bufs
 
     def _key_for(self, index: int, numel: int) -> str:

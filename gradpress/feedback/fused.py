@@ -17,11 +17,13 @@ Bits: the compressor's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from gradpress.compressors import Compressor
-from gradpress.compressors.fused import Workspace, fused_encode, plan_for
+from gradpress.compressors.fused import Workspace, plan_for, prepare_fused
 from gradpress.feedback.base import Feedback, NoFeedback
 from gradpress.feedback.ecq import ECQFeedback
 from gradpress.feedback.ef import ErrorFeedback
@@ -54,6 +56,19 @@ def encode_with_feedback(comp: Compressor, fb: Feedback, key: str, g: torch.Tens
     place; ``None`` (nothing touched) where the pair or ``g`` has no fused path. Raises
     :class:`~gradpress.errors.NonFiniteGradientError` / ``ValueError`` before any state
     changes."""
+    pieces = prepare_shards(comp, fb, key, g, [(0, g.numel(), out, seed)], crc=crc, ws=ws)
+    return None if pieces is None else pieces()[0]
+
+
+def prepare_shards(comp: Compressor, fb: Feedback, key: str, g: torch.Tensor,
+                   shards: list[tuple[int, int, torch.Tensor | np.ndarray, int]], *,
+                   crc: bool = False, ws: Workspace | None = None
+                   ) -> Callable[[], list[PayloadView]] | None:
+    """:func:`encode_with_feedback` for pieces ``g[start:end]`` of a flat ``g``, each
+    encoded on its own into its own buffer with its own seed (``shards``: ``(start, end,
+    out, seed)``; the two-phase worker step). Every piece is checked first (pass 1); the
+    returned function runs the passes 2, commits the state and returns the views; ``None``
+    where the pair has no fused path."""
     coefs = fused_coefs(fb)
     if coefs is None or not isinstance(key, str) or plan_for(comp, g) is None:
         return None
@@ -64,8 +79,27 @@ def encode_with_feedback(comp: Compressor, fb: Feedback, key: str, g: torch.Tens
         return None  # the generic path raises the shape error or converts the state
     fresh = name is not None and h is None
     hout = torch.empty(g.shape, dtype=torch.float32) if fresh else h
-    view = fused_encode(comp, g, out, seed=seed, crc=crc, ws=ws, h=h, alpha=alpha,
-                        beta=beta, hout=hout, what=f"gradient for key {key!r}")
-    if fresh and view is not None:
-        fb._state[key] = {**st, name: hout}
-    return view
+    flat_g, flat_h = g.reshape(-1), None if h is None else h.reshape(-1)
+    flat_out = None if hout is None else hout.reshape(-1)
+    runs = []
+    for j, (s, e, out, seed) in enumerate(shards):
+        if e == s:
+            runs.append(None)
+            continue
+        run = prepare_fused(comp, flat_g[s:e] if len(shards) > 1 else g, out, seed=seed,
+                            crc=crc, ws=ws, h=None if h is None else (
+                                flat_h[s:e] if len(shards) > 1 else h),
+                            alpha=alpha, beta=beta,
+                            hout=None if hout is None else (
+                                flat_out[s:e] if len(shards) > 1 else hout),
+                            what=f"gradient for key {key!r}", tag=str(j))
+        if run is None:
+            return None
+        runs.append(run)
+
+    def finish() -> list[PayloadView]:
+        views = [None if r is None else r() for r in runs]
+        if fresh:
+            fb._state[key] = {**st, name: hout}
+        return views
+    return finish
