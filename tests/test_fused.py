@@ -68,6 +68,8 @@ def test_fused_bytes_and_residual_equal_the_unfused_path(label, fb_name):
         assert view is not None
         assert view.to_bytes() == want, f"step {step}: payload bytes differ"
         assert len(view) == len(want)
+        assert fused.keys() == ref.keys()
+        assert fused.state("k").keys() == ref.state("k").keys()
         for k, t in ref.state("k").items():
             assert torch.equal(fused.state("k")[k], t), f"step {step}: residual {k} differs"
 

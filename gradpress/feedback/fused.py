@@ -101,5 +101,7 @@ def prepare_shards(comp: Compressor, fb: Feedback, key: str, g: torch.Tensor,
         views = [None if r is None else r() for r in runs]
         if fresh:
             fb._state[key] = {**st, name: hout}
+        else:  # as commit does: even a stateless feedback lists the key it has seen
+            fb._state.setdefault(key, {})
         return views
     return finish
