@@ -24,6 +24,7 @@ update once; ``g.clone()`` would add fresh page faults and flatter every ratio).
     .venv/bin/python benchmarks/hook_overhead.py
     .venv/bin/python benchmarks/hook_overhead.py --threads 2 --reps 20
     .venv/bin/python benchmarks/hook_overhead.py --generic
+    .venv/bin/python benchmarks/hook_overhead.py --both   # before/after, one run
 """
 
 from __future__ import annotations
@@ -146,8 +147,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name, (make_comp, make_fb) in METHODS.items():
         if args.only and not any(k in name for k in args.only.split(",")):
             continue
-        rows.append({"method": name, **_time_method(make_comp(), make_fb(), buckets, restore,
-                                                    args)})
+        for generic in ((True, False) if args.both else (args.generic,)):
+            run_args = argparse.Namespace(**{**vars(args), "generic": generic})
+            label = name + ((" (generic)" if generic else " (hook)") if args.both else "")
+            rows.append({"method": label, **_time_method(make_comp(), make_fb(), buckets,
+                                                         restore, run_args)})
     return rows
 
 
@@ -156,12 +160,13 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     nb = -(-args.params // max(1, int(args.bucket_mb * 2**20) // 4))
     lines = [f"hook CPU work per step: {args.params:,} params in {nb} bucket(s) of <= "
              f"{args.bucket_mb} MB, P={args.world}, torch threads={args.threads}, "
-             f"median of {args.reps}, {'generic' if args.generic else 'hook'} path",
-             f"{'method':<26} {'local ms':>9} {'avg(P) ms':>10} {'total ms':>9} "
+             f"median of {args.reps}, "
+             f"{'both' if args.both else 'generic' if args.generic else 'hook'} path(s)",
+             f"{'method':<36} {'local ms':>9} {'avg(P) ms':>10} {'total ms':>9} "
              f"{'x copy':>8} {'payload B':>11}",
-             "-" * 78]
+             "-" * 88]
     for r in rows:
-        lines.append(f"{r['method']:<26} {r['local_ms']:9.1f} {r['average_ms']:10.1f} "
+        lines.append(f"{r['method']:<36} {r['local_ms']:9.1f} {r['average_ms']:10.1f} "
                      f"{r['total_ms']:9.1f} {r['total_ms'] / floor:8.1f} {r['bytes']:11,}")
     lines.append("local = to_send + encode + commit (generic: + to_bytes + decode(own)); "
                  "avg(P) = decode P payloads (generic: P-1) + rank-order mean")
@@ -181,6 +186,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated substrings of method names")
     p.add_argument("--generic", action="store_true",
                    help="time the generic path (encode to bytes, decode to new tensors)")
+    p.add_argument("--both", action="store_true",
+                   help="time the generic path and the hook's, method by method, in one run")
     args = p.parse_args()
     print(table(run(args), args))
     return 0

@@ -132,9 +132,10 @@ def test_encode_into_and_decode_into_equal_encode_and_decode(label, crc):
     out = base.clone()
     comp.decode_into(out, buf[:len(view)], add=True)
     assert torch.equal(out, base + dec)
-    out2d = torch.zeros(3, 1000, 1)[:, :, 0]  # not contiguous: the generic writer
+    strided = torch.zeros(3001, 2)[:, 0]  # not contiguous: the generic writer
+    assert torch.equal(comp.decode_into(strided, want), dec)
     with pytest.raises(PayloadError):
-        comp.decode_into(out2d, want)  # 3000 elements, the payload holds 3001
+        comp.decode_into(torch.zeros(3, 1000), want)  # 3000 elements, the payload holds 3001
 
 
 def _corruptions(comp, x: torch.Tensor) -> dict[str, bytes]:

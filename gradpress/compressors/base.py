@@ -243,9 +243,9 @@ class Compressor(ABC):
                 payload))
             dec = self.decode(full, device=out.device).reshape(-1)
 
-            def write(o: torch.Tensor, add: bool) -> None:
-                flat = o.view(-1)
-                flat.add_(dec) if add else flat.copy_(dec)
+            def write(o: torch.Tensor, add: bool) -> None:  # any layout of ``out``
+                src = dec.reshape(o.shape)
+                o.add_(src) if add else o.copy_(src)
             return write
         return lambda o, add: write(o.view(-1).numpy(), add)
 
