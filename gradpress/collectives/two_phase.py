@@ -67,7 +67,12 @@ from gradpress.compressors import Compressor
 from gradpress.compressors.fused import Workspace
 from gradpress.errors import NonFiniteGradientError, PayloadError, PeerError
 from gradpress.feedback import Feedback
-from gradpress.feedback.fused import encode_with_feedback, prepare_shards
+from gradpress.feedback.fused import (
+    encode_with_feedback,
+    fused_coefs,
+    prepare_shards,
+    supports,
+)
 from gradpress.payload import PayloadView
 
 #: Seed sides: a worker's shard payloads and an owner's re-encoded shard.
@@ -180,7 +185,9 @@ class TwoPhaseBucket:
         self.owner_error: PeerError | None = None
         self.own: torch.Tensor | None = None
         self.bufs = buffers if (buffers is not None and self.capacity is not None
-                                and undo is None) else None
+                                and undo is None
+                                and supports(comp, worker_fb, grad, dense=True)
+                                and fused_coefs(server_fb) is not None) else None
         self.out = out
         parts: list[bytes | PayloadView | int]
         try:

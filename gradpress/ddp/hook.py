@@ -70,7 +70,7 @@ from gradpress.ddp.state import (
 )
 from gradpress.errors import NonFiniteGradientError, PeerError
 from gradpress.feedback import Feedback
-from gradpress.feedback.fused import encode_with_feedback
+from gradpress.feedback.fused import encode_with_feedback, supports
 from gradpress.payload import PayloadView
 
 
@@ -296,8 +296,9 @@ def _compress_into(state: CompressionState, bufs: BucketBuffers, comp: Compresso
     """Steps 1-2 into this bucket's reusable frame: the fused pass
     (:func:`gradpress.feedback.fused.encode_with_feedback`: payload written at
     ``frame[4:]``, residual updated in place, ``sent`` not materialized) where the pair has
-    one and no step may need undoing; else :func:`_compress_own`'s bytes."""
-    if state.on_nonfinite == "raise":
+    one (dense fixed-width or sign bodies) and no step may need undoing; else
+    :func:`_compress_own`'s bytes."""
+    if state.on_nonfinite == "raise" and supports(comp, fb, grad, dense=True):
         view = encode_with_feedback(comp, fb, key, grad, bufs.frame_np[4:], seed=seed,
                                     crc=state.crc, ws=bufs.ws)
         if view is not None:

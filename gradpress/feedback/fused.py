@@ -43,9 +43,14 @@ def fused_coefs(fb: Feedback) -> tuple[float, float | None, str | None] | None:
     return None
 
 
-def supports(comp: Compressor, fb: Feedback, g: torch.Tensor) -> bool:
-    """Whether :func:`encode_with_feedback` takes the fused path for this pair and bucket."""
-    return fused_coefs(fb) is not None and plan_for(comp, g) is not None
+def supports(comp: Compressor, fb: Feedback, g: torch.Tensor, *, dense: bool = False
+             ) -> bool:
+    """Whether :func:`encode_with_feedback` takes the fused path for this pair and bucket
+    (``dense``: and the body is always the fixed-width code, so the receiver's decoder is
+    allocation-free too; the collectives fuse only then: an entropy-coded body would be
+    decoded again through the generic decoder where the unfused path has it at hand)."""
+    plan = plan_for(comp, g)
+    return fused_coefs(fb) is not None and plan is not None and (plan.dense or not dense)
 
 
 def encode_with_feedback(comp: Compressor, fb: Feedback, key: str, g: torch.Tensor,
