@@ -29,6 +29,15 @@ Algorithm, per gradient bucket ``g`` (flat, ``d`` elements) on rank ``p`` of ``P
 Fast path: ``fp16``/``bf16`` without feedback are codes that add linearly, so they
 all-reduce ``g/P`` in the wire dtype exactly like PyTorch's ``fp16_compress_hook``.
 
+Allocation-free path (bounded frames on CPU, ``on_nonfinite="raise"``): each bucket index
+keeps its frame, gathered frames and scratch (:class:`~gradpress.ddp.state.BucketBuffers`);
+steps 1-2 write the payload straight into the frame and, for ECQ-SGD/EF/no feedback with a
+dense fixed-width uniform code or sign, run as one fused pass pair that updates the residual
+in place (:mod:`gradpress.feedback.fused`, same bytes and residual as steps 1-2 above); step
+4 checks every payload, then decodes them into the bucket in rank order
+(:func:`~gradpress.collectives.average.mean_into`). No ``bytes`` object and no new
+full-size tensor per bucket after the first step (``tests/test_fused.py``).
+
 Bits: each rank's payload costs ``len(payload.to_bytes())`` (the compressor's formula in
 its module); the frame adds 4 bytes of length and the padding up to the bound. Both are
 counted (``payload_bytes`` and ``wire_bytes``), per step and in total; counts are what
