@@ -42,6 +42,17 @@ def _is(entry: Entry, status: int) -> bool:
     return isinstance(entry, int) and entry == status
 
 
+def prepare_entry(comp: Compressor, entry: Entry, out: torch.Tensor, sender: int, where: str):
+    """``comp.prepare_decode`` of one rank's payload for ``out`` (checked, nothing written
+    yet): the writer ``write(out, add)``; a bad payload raises :class:`PeerError`."""
+    try:
+        return comp.prepare_decode(entry, out)
+    except PayloadError as err:
+        raise PeerError(f"{where}: the payload from rank {sender} is unusable ({err}); "
+                        "corrupted in transit, or do all ranks use the same compressor?"
+                        ) from err
+
+
 def check_statuses(comp: Compressor, entries: list[Entry], where: str) -> None:
     """Raise the same error on every rank that sees these entries: a rank that failed to
     compress, a NaN/Inf gradient, a payload over the declared bound."""
@@ -114,12 +125,7 @@ def mean_into(comp: Compressor, entries: list[Entry], rank: int, own: torch.Tens
             src = own.reshape(-1)
             writers.append(lambda o, add, src=src: o.add_(src) if add else o.copy_(src))
             continue
-        try:
-            writers.append(comp.prepare_decode(entries[r], out))
-        except PayloadError as err:
-            raise PeerError(f"{where}: the payload from rank {r} is unusable ({err}); "
-                            "corrupted in transit, or do all ranks use the same compressor?"
-                            ) from err
+        writers.append(prepare_entry(comp, entries[r], out, r, where))
     for n, write in enumerate(writers):
         write(out, n > 0)
     return out.div_(len(valid))

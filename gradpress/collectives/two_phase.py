@@ -62,10 +62,11 @@ from gradpress.collectives.average import (
     decode_entry,
     mean_into,
     mean_of_payloads,
+    prepare_entry,
 )
 from gradpress.compressors import Compressor
 from gradpress.compressors.fused import Workspace
-from gradpress.errors import NonFiniteGradientError, PayloadError, PeerError
+from gradpress.errors import NonFiniteGradientError, PeerError
 from gradpress.feedback import Feedback
 from gradpress.feedback.fused import (
     encode_with_feedback,
@@ -326,12 +327,8 @@ class TwoPhaseBucket:
                 src = self.own_out
                 writers.append((s, e, lambda o, add, src=src: o.copy_(src)))
                 continue
-            try:
-                writers.append((s, e, self.comp.prepare_decode(entries[j], out[s:e])))
-            except PayloadError as err:
-                raise PeerError(f"{self.where}, shard {j} (all-gather): the payload from "
-                                f"rank {j} is unusable ({err}); corrupted in transit, or do "
-                                "all ranks use the same compressor?") from err
+            writers.append((s, e, prepare_entry(self.comp, entries[j], out[s:e], j,
+                                                f"{self.where}, shard {j} (all-gather)")))
         for s, e, write in writers:
             write(out[s:e], False)
         if type(self.server_fb)._apply is Feedback._apply:
