@@ -200,6 +200,10 @@ class TwoPhaseBucket:
         self.payload_bytes = sum(len(p) for p in parts if not isinstance(p, int))
         self.owner_payload_bytes = 0
         self.payload_lengths = [len(p) if not isinstance(p, int) else 0 for p in parts]
+        #: this rank's own shard payload (fused path): decoded from the local bytes, as the
+        #: generic path uses its own decoded shard, not the wire's copy
+        self.own_view = parts[self.rank] if isinstance(parts[self.rank], PayloadView) else None
+        self.owner_view: PayloadView | None = None
         if self.bufs is not None:
             send = self.bufs.send.numpy()
             for j, p in enumerate(parts):
@@ -236,6 +240,8 @@ class TwoPhaseBucket:
     def gather(self) -> torch.futures.Future:
         """Steps 4-6 (see the class docstring)."""
         entries = self.exchange.wait()
+        if self.own_view is not None and not isinstance(entries[self.rank], int):
+            entries[self.rank] = self.own_view.array
         if self.local_error is not None:
             raise self.local_error
         s, e = self.bounds[self.rank]
@@ -283,7 +289,8 @@ class TwoPhaseBucket:
                                         seed=self.seed_of(self.rank, OWNER), crc=self.crc,
                                         ws=self.bufs.owner_ws)
             if view is not None:
-                return view  # own_out stays None: decoded from the gathered bytes
+                self.owner_view = view
+                return view  # own_out stays None: decoded from these local bytes
         u = self.server_fb.to_send(okey, m)
         raw, dec = _encode(self.comp, u, self.seed_of(self.rank, OWNER), self.crc)
         self.server_fb._commit_checked(okey, m, dec.reshape(m.shape))
@@ -293,6 +300,8 @@ class TwoPhaseBucket:
     def _finish(self, fut: torch.futures.Future) -> torch.Tensor | None:
         """Step 6 after the all-gather: the reduced bucket, or ``None`` when skipped."""
         entries: list[Entry] = fut.value()
+        if self.owner_view is not None and not isinstance(entries[self.rank], int):
+            entries[self.rank] = self.owner_view.array  # the owner's own local bytes
         if self.owner_error is not None:
             raise self.owner_error
         if any(_is(x, STATUS_SKIP) for x in entries):

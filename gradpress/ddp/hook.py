@@ -248,8 +248,13 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
         entries: list[Entry] = fut.value()
         if local_error is not None:
             raise local_error
+        if isinstance(mine, PayloadView) and isinstance(entries[rank], np.ndarray):
+            own_wire = entries[rank]  # checked against mine below (crc)
+            entries = [*entries[:rank], mine.array, *entries[rank + 1:]]  # own local bytes
+        else:
+            own_wire = entries[rank]
         step.gathered_payload_bytes += sum(len(e) for e in entries if not isinstance(e, int))
-        if state.crc and not isinstance(mine, int) and not _same_bytes(entries[rank], mine):
+        if state.crc and not isinstance(mine, int) and not _same_bytes(own_wire, mine):
             raise PeerError(f"step {it}, bucket {index}: the payload from rank {rank} (this "
                             "rank) came back corrupted from the all-gather")
         if any(isinstance(e, int) and e == STATUS_SKIP for e in entries):  # all ranks skip
