@@ -248,7 +248,7 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
         entries: list[Entry] = fut.value()
         if local_error is not None:
             raise local_error
-        if isinstance(mine, PayloadView) and isinstance(entries[rank], np.ndarray):
+        if isinstance(mine, PayloadView) and not isinstance(entries[rank], int):
             own_wire = entries[rank]  # checked against mine below (crc)
             entries = [*entries[:rank], mine.array, *entries[rank + 1:]]  # own local bytes
         else:
