@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest
+
+# The tests `make test` leaves out for time (Flower's Ray simulation engine).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) gradpress-demo .pytest_cache .hypothesis

@@ -186,6 +186,7 @@ def test_strategy_rejects_bad_arguments():
         fl.compression_mod("fp32", feedback="magic")
 
 
+@pytest.mark.slow  # Ray's start-up alone is ~40 s of the 10-minute CI budget
 @needs_flwr
 @needs_ray
 def test_flower_simulation_matches_the_local_loop(data):
