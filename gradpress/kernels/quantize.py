@@ -95,18 +95,7 @@ def _row_blocks(n: int, b: int, device: torch.device):
         if tail:
             yield nfull * b, nfull, 1, tail
         return
-    chunk = chunk_len()
-    if b <= chunk:
-        per = chunk // b
-        for j in range(0, nfull, per):
-            yield j * b, j, min(per, nfull - j), b
-        if tail:
-            yield nfull * b, nfull, 1, tail
-        return
-    for j in range(nfull + (1 if tail else 0)):
-        end = min(n, (j + 1) * b)
-        for i in range(j * b, end, chunk):
-            yield i, j, 1, min(chunk, end - i)
+    yield from tc.chunk_blocks(n, b, chunk_len())
 
 
 def _row_norm(x: torch.Tensor, norm: str) -> torch.Tensor:

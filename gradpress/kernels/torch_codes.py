@@ -113,13 +113,13 @@ def dither(n: int, k0: int, k1: int, offset: int = 0,
     return tmp.bitwise_and_(0xFFFFFF).to(torch.float32).mul_(2.0**-24)
 
 
-def _blocks(n: int, b: int, chunk: int):
-    """``(start, bucket, rows, width)`` blocks covering ``n`` elements in buckets of ``b``:
-    ``rows`` whole buckets of ``width = b`` (about ``chunk`` elements), the short last
+def chunk_blocks(n: int, b: int, chunk: int):
+    """``(start, bucket, rows, width)`` blocks of about ``chunk`` elements covering ``n``
+    elements in buckets of ``b``: ``rows`` whole buckets of ``width = b``, the short last
     bucket alone, or pieces of one bucket longer than ``chunk``."""
     nfull, tail = divmod(n, b)
     if b <= chunk:
-        per = max(1, chunk // b)
+        per = chunk // b
         for j in range(0, nfull, per):
             yield j * b, j, min(per, nfull - j), b
         if tail:
@@ -139,7 +139,7 @@ def quantize(flat: torch.Tensor, b: int, a: torch.Tensor, c: float, levels: int,
     dev = flat.device
     out = torch.empty(n, dtype=torch.uint8, device=dev)
     a = a.to(device=dev, dtype=torch.float32)
-    for s0, j, rows, w in _blocks(n, b, chunk_elements(dev)):
+    for s0, j, rows, w in chunk_blocks(n, b, chunk_elements(dev)):
         k = rows * w
         u = flat[s0:s0 + k].view(rows, w) * a[j:j + rows, None]  # float32 product ...
         u.add_(c)  # ... then a float32 sum, as the kernel (no fused multiply-add)
@@ -155,7 +155,7 @@ def dequantize(sym: torch.Tensor, b: int, inv: torch.Tensor, c: float) -> torch.
     dev = sym.device
     out = torch.empty(n, dtype=torch.float32, device=dev)
     inv = inv.to(device=dev, dtype=torch.float32)
-    for s0, j, rows, w in _blocks(n, b, chunk_elements(dev)):
+    for s0, j, rows, w in chunk_blocks(n, b, chunk_elements(dev)):
         k = rows * w
         o = out[s0:s0 + k].view(rows, w)
         o.copy_(sym[s0:s0 + k].view(rows, w)).sub_(c).mul_(inv[j:j + rows, None])
