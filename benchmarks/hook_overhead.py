@@ -1,10 +1,14 @@
 """CPU cost of the DDP compression hook's local work per bucket, with no network.
 
 Times what :func:`gradpress.ddp.hook.compression_hook` does on one rank for one bucket,
-outside of the collective: feedback ``to_send``, ``encode`` to bytes, decode of its own
-payload, feedback ``commit`` (the hook's ``_compress_own``), then decoding the ``P`` ranks'
-payloads and averaging them in rank order (``collectives.average.mean_of_payloads``; the
-peers' payloads are this rank's bytes, which costs the same to decode). The buckets are
+outside of the collective (the all-gather path, bounded frames): feedback ``to_send``,
+``encode`` into the bucket's reused frame, feedback ``commit`` (the hook's
+``_compress_into``: one fused pass pair for supported pairs, see
+:mod:`gradpress.feedback.fused`), then decoding the ``P`` ranks' payloads from the gathered
+frames and averaging them in rank order into the bucket (``collectives.average.mean_into``;
+the peers' payloads are this rank's bytes, which costs the same to decode). ``--generic``
+times the generic path instead (the hook before the fused path: ``_compress_own`` to
+``bytes``, ``mean_of_payloads``), in the same run as the floor. The buckets are
 restored, untimed, before every timed call (the hook overwrites a float32 bucket with the
 mean). The gradient
 is a seeded Gaussian of ``--params`` elements (default 4.1M, the ``digits-mlp4m`` MLP)
@@ -19,6 +23,8 @@ update once; ``g.clone()`` would add fresh page faults and flatter every ratio).
 
     .venv/bin/python benchmarks/hook_overhead.py
     .venv/bin/python benchmarks/hook_overhead.py --threads 2 --reps 20
+    .venv/bin/python benchmarks/hook_overhead.py --generic
+    .venv/bin/python benchmarks/hook_overhead.py --both   # before/after, one run
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ import time
 import torch
 
 import gradpress
-from gradpress.collectives.average import mean_of_payloads
-from gradpress.ddp import hook
+from gradpress.collectives.allgather import decode_frames, write_frame
+from gradpress.collectives.average import mean_into, mean_of_payloads
+from gradpress.ddp import CompressionState, hook
+from gradpress.ddp.state import BucketBuffers
 from gradpress.feedback import ECQFeedback, ErrorFeedback, NoFeedback
+from gradpress.payload import PayloadView
 
 TRAIN_ECQ = {"norm": "linf", "bucket_size": 512}
 METHODS = {
@@ -44,8 +53,15 @@ METHODS = {
     "ecq ternary Huffman + ECQ": (lambda: gradpress.get("ecq", s=1, entropy="huffman",
                                                         **TRAIN_ECQ),
                                   lambda: ECQFeedback(0.5, 0.9)),
+    "ecq 2 bits dense + ECQ": (lambda: gradpress.get("ecq", bits=2, entropy=False,
+                                                     sparse=False, **TRAIN_ECQ),
+                               lambda: ECQFeedback(0.5, 0.9)),
+    "ecq 4 bits dense + ECQ": (lambda: gradpress.get("ecq", bits=4, entropy=False,
+                                                     sparse=False, **TRAIN_ECQ),
+                               lambda: ECQFeedback(0.5, 0.9)),
     "sign + EF": (lambda: gradpress.get("sign"), ErrorFeedback),
     "qsgd s=3": (lambda: gradpress.get("qsgd", s=3), NoFeedback),
+    "qsgd s=3 dense": (lambda: gradpress.get("qsgd", s=3, sparse=False), NoFeedback),
 }
 
 
@@ -72,28 +88,45 @@ def _time_method(comp, fb, buckets: list[torch.Tensor], restore, args: argparse.
                  ) -> dict:
     step = 0
     last: list = []
+    state = CompressionState(None, compressor=comp, feedback=fb)
+    bufs = [BucketBuffers(args.world, comp.max_payload_bytes(b.numel())) for b in buckets]
 
     def local() -> None:
         nonlocal step
         last.clear()
         for k, b in enumerate(buckets):
             seed = hook._mix_seed(0, step, k, 0)
-            last.append(hook._compress_own(comp, fb, str(k), b, seed))
+            if args.generic:
+                last.append(hook._compress_own(comp, fb, str(k), b, seed))
+                continue
+            mine, sent = hook._compress_into(state, bufs[k], comp, fb, str(k), b, seed)
+            view = isinstance(mine, PayloadView)
+            write_frame(bufs[k].frame_np, None if view else mine, len(mine) if view else 0)
+            last.append((len(mine), sent))
         step += 1
 
     def average() -> None:
         for k, b in enumerate(buckets):
             mine, sent = last[k]
-            mean_of_payloads(comp, [mine] * args.world, 0, sent, b.numel(), b.device,
-                             f"bucket {k}", into=b)
+            if args.generic:
+                mean_of_payloads(comp, [mine] * args.world, 0, sent, b.numel(), b.device,
+                                 f"bucket {k}", into=b)
+                continue
+            mean_into(comp, decode_frames(bufs[k].frames, copy=False), 0, sent, b,
+                      f"bucket {k}")
+
+    def gather() -> None:  # untimed: every rank's frame is this rank's
+        for k in range(len(buckets)):
+            bufs[k].frames.copy_(bufs[k].frame.expand(args.world, -1))
 
     for _ in range(args.warmup):
         restore()
         local()
     local_ms = _median_ms(local, args.reps, restore)
+    gather()
     average_ms = _median_ms(average, args.reps, restore)
     return {"local_ms": local_ms, "average_ms": average_ms, "total_ms": local_ms + average_ms,
-            "bytes": sum(len(m) for m, _ in last)}
+            "bytes": sum(m if isinstance(m, int) else len(m) for m, _ in last)}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -114,8 +147,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name, (make_comp, make_fb) in METHODS.items():
         if args.only and not any(k in name for k in args.only.split(",")):
             continue
-        rows.append({"method": name, **_time_method(make_comp(), make_fb(), buckets, restore,
-                                                    args)})
+        for generic in ((True, False) if args.both else (args.generic,)):
+            run_args = argparse.Namespace(**{**vars(args), "generic": generic})
+            label = name + ((" (generic)" if generic else " (hook)") if args.both else "")
+            rows.append({"method": label, **_time_method(make_comp(), make_fb(), buckets,
+                                                         restore, run_args)})
     return rows
 
 
@@ -124,15 +160,16 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     nb = -(-args.params // max(1, int(args.bucket_mb * 2**20) // 4))
     lines = [f"hook CPU work per step: {args.params:,} params in {nb} bucket(s) of <= "
              f"{args.bucket_mb} MB, P={args.world}, torch threads={args.threads}, "
-             f"median of {args.reps}",
-             f"{'method':<22} {'local ms':>9} {'avg(P) ms':>10} {'total ms':>9} "
+             f"median of {args.reps}, "
+             f"{'both' if args.both else 'generic' if args.generic else 'hook'} path(s)",
+             f"{'method':<36} {'local ms':>9} {'avg(P) ms':>10} {'total ms':>9} "
              f"{'x copy':>8} {'payload B':>11}",
-             "-" * 74]
+             "-" * 88]
     for r in rows:
-        lines.append(f"{r['method']:<22} {r['local_ms']:9.1f} {r['average_ms']:10.1f} "
+        lines.append(f"{r['method']:<36} {r['local_ms']:9.1f} {r['average_ms']:10.1f} "
                      f"{r['total_ms']:9.1f} {r['total_ms'] / floor:8.1f} {r['bytes']:11,}")
-    lines.append("local = to_send + encode + to_bytes + decode(own) + commit; "
-                 "avg(P) = decode P-1 peers + rank-order mean")
+    lines.append("local = to_send + encode + commit (generic: + to_bytes + decode(own)); "
+                 "avg(P) = decode P payloads (generic: P-1) + rank-order mean")
     return "\n".join(lines)
 
 
@@ -147,6 +184,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated substrings of method names")
+    p.add_argument("--generic", action="store_true",
+                   help="time the generic path (encode to bytes, decode to new tensors)")
+    p.add_argument("--both", action="store_true",
+                   help="time the generic path and the hook's, method by method, in one run")
     args = p.parse_args()
     print(table(run(args), args))
     return 0

@@ -62,17 +62,30 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def measure(spec: str, x: torch.Tensor, y: torch.Tensor, repeat: int) -> dict:
+def measure(spec: str, x: torch.Tensor, y: torch.Tensor, repeat: int, into: bool = False
+            ) -> dict:
     """Median times of copy_, sum, encode and decode, interleaved run by run so that all
-    see the same machine load."""
+    see the same machine load. ``into``: ``encode_into`` a buffer and ``decode_into`` a
+    tensor, both allocated once (the allocation-free paths) instead."""
     name, kwargs = parse_spec(spec)
     c = gradpress.get(name, **kwargs)
     wire = c.encode(x, seed=1).to_bytes()  # warm-up
     c.decode(wire)
+    buf = torch.zeros(len(wire) if c.max_payload_bytes(x.numel()) is None
+                      else c.max_payload_bytes(x.numel()), dtype=torch.uint8)
+    out = torch.zeros_like(x)
+    if into:
+        c.decode_into(out, c.encode_into(buf, x, seed=1))
     t_copy, t_read, t_enc, t_dec = [], [], [], []
     for _ in range(repeat):
         t_copy.append(_timed(functools.partial(y.copy_, x))[0])
         t_read.append(_timed(x.sum)[0])
+        if into:
+            t, view = _timed(lambda: c.encode_into(buf, x, seed=1))
+            t_enc.append(t)
+            wire = view.to_bytes()
+            t_dec.append(_timed(functools.partial(c.decode_into, out, view))[0])
+            continue
         t, payload = _timed(lambda: c.encode(x, seed=1))
         t_enc.append(t)
         wire = payload.to_bytes()
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", action="store_true",
                     help="also measure peak extra memory of one encode+decode (slower)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--into", action="store_true",
+                    help="time encode_into/decode_into with buffers allocated once")
     ap.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._peak:
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
     y = torch.empty_like(x)
     y.copy_(x)  # the baseline's output exists, its pages touched, before any timing
-    rows = [measure(s, x, y, args.repeat)
+    rows = [measure(s, x, y, args.repeat, args.into)
             for s in tqdm(specs, desc="compressors", file=sys.stderr)]
     if args.memory:
         for r in tqdm(rows, desc="memory", file=sys.stderr):

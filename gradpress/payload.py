@@ -220,3 +220,60 @@ def config_digest(name: str, config: dict[str, Any], shape: tuple[int, ...]) -> 
     h = hashlib.blake2s(text.encode(), digest_size=2)
     h.update(struct.pack(f"<{len(shape)}I", *shape))
     return int.from_bytes(h.digest(), "little")
+
+
+def write_header_into(buf: memoryview, compressor_id: int, dtype: torch.dtype,
+                      shape: tuple[int, ...], body_len: int, *, seed: int | None = None,
+                      crc: bool = False, digest: int = 0) -> int:
+    """Write the header of a payload into ``buf`` (a writable byte view) without allocating
+    ``bytes``; returns its size. With ``crc`` the CRC32 field is left for
+    :func:`finish_crc_into` to fill once the body follows the header."""
+    if dtype not in DTYPE_CODES:
+        raise PayloadError(f"dtype {dtype} cannot be serialized; use float32/16/bf16/64")
+    if len(shape) > MAX_NDIM:
+        raise PayloadError(f"at most {MAX_NDIM} dimensions, got {len(shape)}")
+    flags = (_FLAG_CRC if crc else 0) | (_FLAG_SEED if seed is not None else 0)
+    buf[:2] = MAGIC
+    struct.pack_into("<BBHHBB", buf, 2, FORMAT_VERSION, flags, compressor_id,
+                     digest & 0xFFFF, DTYPE_CODES[dtype], len(shape))
+    pos = _FIXED
+    for n in shape:
+        struct.pack_into("<I", buf, pos, n)
+        pos += 4
+    struct.pack_into("<I", buf, pos, body_len)
+    pos += 4
+    if seed is not None:
+        struct.pack_into("<Q", buf, pos, seed & 0xFFFFFFFFFFFFFFFF)
+        pos += 8
+    return pos + (4 if crc else 0)
+
+
+def finish_crc_into(buf: memoryview, header_len: int, body_len: int) -> None:
+    """Fill the CRC32 field (the header's last 4 bytes) of the payload in ``buf``: the same
+    ``crc32(header-so-far + body)`` as :meth:`Payload.to_bytes`."""
+    pos = header_len - 4
+    crc = zlib.crc32(buf[header_len:header_len + body_len], zlib.crc32(buf[:pos]))
+    struct.pack_into("<I", buf, pos, crc)
+
+
+class PayloadView:
+    """A serialized payload (header + body, the bytes :meth:`Payload.to_bytes` would give)
+    living in a caller's reusable ``uint8`` buffer: ``len()`` is its size in bytes,
+    :meth:`to_bytes` copies it out only where real ``bytes`` are needed. Valid until the
+    buffer is written again."""
+
+    __slots__ = ("array", "nbytes")
+
+    def __init__(self, array, nbytes: int) -> None:
+        self.array = array  #: the ``uint8`` numpy view of the payload's bytes
+        self.nbytes = int(nbytes)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def to_bytes(self) -> bytes:
+        return self.array.tobytes()
+
+    def to_payload(self) -> Payload:
+        """Parsed (copies the body; for tests and slow paths)."""
+        return Payload.from_bytes(self.array)

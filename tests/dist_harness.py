@@ -45,10 +45,32 @@ def warm_serial_kernels() -> None:
             try:
                 comp = gradpress.get(name)
                 comp.decode(comp.encode(x, seed=1))
+                buf = torch.zeros(comp.max_payload_bytes(x.numel()) + 4, dtype=torch.uint8)
+                comp.decode_into(torch.empty_like(x), comp.encode_into(buf, x, seed=1))
             except Exception:  # noqa: BLE001 - a warm-up only; the tests report real errors
                 continue
+        _warm_fused(x)
     finally:
         torch.set_num_threads(threads)
+
+
+def _warm_fused(x: torch.Tensor) -> None:
+    """The hook's fused feedback passes (serial builds), for the codes that have them."""
+    import gradpress
+    from gradpress.feedback.fused import encode_with_feedback
+
+    for name, kw in (("ecq", {"entropy": False, "sparse": False}), ("sign", {}),
+                     ("qsgd", {"sparse": False}), ("terngrad", {})):
+        for fb in ("ecq", "ef", "none"):
+            try:
+                comp, state = gradpress.get(name, **kw), gradpress.feedback.get(fb)
+                buf = torch.zeros(comp.max_payload_bytes(x.numel()) + 4, dtype=torch.uint8)
+                for _ in range(2):  # the second step has a residual
+                    view = encode_with_feedback(comp, state, "0", x, buf, seed=1)
+                    if view is not None:
+                        comp.decode_into(torch.empty_like(x), view, add=True)
+            except Exception:  # noqa: BLE001 - a warm-up only
+                continue
 
 
 def run_ranks(target, world: int, *args, expect: list[int] | None = None,

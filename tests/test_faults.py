@@ -197,11 +197,11 @@ def _crc_run(rank: int, crc: bool) -> dict:
     """Rank 1's frame gets one byte flipped on receipt, on every rank, at step 1."""
     import gradpress.ddp.hook as hook
 
-    real = hook.allgather_bytes_async
+    real = hook.allgather_frame_async  # the bounded CPU path gathers reused frames
     calls = {"n": 0}
 
-    def corrupting(payload, group=None, *, capacity=None):
-        fut, wire = real(payload, group, capacity=capacity)
+    def corrupting(frame, frames, group=None):
+        fut, wire = real(frame, frames, group)
         calls["n"] += 1
         if calls["n"] != 5:  # step 2's first bucket (step 0: one bucket; then DDP rebuilds 3)
             return fut, wire
@@ -214,7 +214,7 @@ def _crc_run(rank: int, crc: bool) -> dict:
             return entries
         return fut.then(flip), wire
 
-    hook.allgather_bytes_async = corrupting
+    hook.allgather_frame_async = corrupting
     try:
         inner = small_model()
         # the dense code: every flipped symbol bit is still a valid payload (an entropy or
@@ -235,7 +235,7 @@ def _crc_run(rank: int, crc: bool) -> dict:
         return {"caught": None, "digest": digest(inner), "buckets": buckets,
                 "wire": state.last_step.wire_bytes, "payload": state.last_step.payload_bytes}
     finally:
-        hook.allgather_bytes_async = real
+        hook.allgather_frame_async = real
 
 
 def _two_rank_cases(rank: int) -> dict:

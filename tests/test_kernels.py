@@ -162,3 +162,72 @@ def test_pack_into_a_given_buffer_writes_the_same_bytes(width):
     assert np.array_equal(buf[2:-1], want) and (buf[:2] == 0xAB).all() and buf[-1] == 0xAB
     with pytest.raises(ValueError, match="out must be"):
         pack_uint8(v, width, out=buf)
+
+
+# -- the on-disk cache across processes (numba issues #4807, #10128) ----------------------
+_KMOD = '''
+from gradpress.kernels.jit import compiled
+
+@compiled
+def triple(x):
+    return 3 * x
+'''
+
+
+def _fresh_kernel(tmp_path, name: str, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / f"{name}.py").write_text(_KMOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)  # removed again afterwards
+    mod = importlib.import_module(name)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod.triple
+
+
+def test_cache_load_and_save_wait_for_another_process_lock(tmp_path, monkeypatch):
+    """A kernel's first call loads (and, after compiling, saves) its cache entry only under
+    the exclusive lock beside numba's index: while another process holds that lock, the
+    call waits at the lock and writes nothing; it finishes once the lock is free."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from gradpress.kernels import jit
+
+    disp = _fresh_kernel(tmp_path, "kmod_lock", monkeypatch)
+    index = disp._cache._cache_file._index_path
+    os.makedirs(os.path.dirname(index), exist_ok=True)
+    held = os.open(index + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # "another process" (flock: per open file)
+    at_lock = threading.Event()
+
+    class Spy:
+        LOCK_EX = fcntl.LOCK_EX
+
+        @staticmethod
+        def flock(fd, op):
+            at_lock.set()
+            fcntl.flock(fd, op)
+
+    monkeypatch.setattr(jit, "fcntl", Spy)
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(disp(7)), daemon=True)
+    t.start()
+    try:
+        assert at_lock.wait(30), "the first call never asked for the cache lock"
+        t.join(0.5)
+        assert t.is_alive() and not out and not os.path.exists(index)
+    finally:
+        os.close(held)
+    t.join(60)
+    assert out == [21] and os.path.exists(index)  # compiled, then saved under the lock
+    # still a cache: a fresh interpreter loads that entry instead of compiling again
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kmod_lock as m; "
+            "assert m.triple(5) == 15; print(sum(m.triple.stats.cache_hits.values()))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-800:]
+    assert run.stdout.split()[-1] == "1"

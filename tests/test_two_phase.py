@@ -296,12 +296,18 @@ def _decoded_elements(rank: int, collective: str) -> dict:
 
     count = {"n": 0}
     real = average.decode_entry
+    real_prepare = average.prepare_entry  # the decode-into-a-buffer path
 
     def counting(comp, entry, numel, sender, where, device):
         count["n"] += numel
         return real(comp, entry, numel, sender, where, device)
 
+    def counting_prepare(comp, entry, out, sender, where):
+        count["n"] += out.numel()
+        return real_prepare(comp, entry, out, sender, where)
+
     average.decode_entry = two_phase.decode_entry = counting
+    average.prepare_entry = two_phase.prepare_entry = counting_prepare
     cfg = {"compressor": "qsgd", "kwargs": {"s": 4}, "collective": collective}
     out = _train(rank, cfg, steps=1)
     return {"decoded": count["n"], "numel": sum(out["numel"].values())}

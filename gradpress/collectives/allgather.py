@@ -38,8 +38,9 @@ STATUS_SKIP = 0xFFFFFFFD  # the rank skips this bucket (non-finite, on_nonfinite
 STATUS_ERROR = 0xFFFFFFFC  # the rank failed to compress (its own error says why)
 _FIRST_STATUS = 0xFFFFFFF0
 
-#: One gathered entry: the payload bytes, or an ``int`` status (``STATUS_*``).
-Entry = bytes | int
+#: One gathered entry: the payload bytes (or a ``uint8`` numpy view of them in a reused
+#: frame buffer), or an ``int`` status (``STATUS_*``).
+Entry = bytes | np.ndarray | int
 
 
 def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -81,8 +82,42 @@ def encode_frame(payload: bytes | int, capacity: int, device: torch.device | str
     return torch.from_numpy(frame).to(device)
 
 
-def decode_frames(frames: torch.Tensor) -> list[Entry]:
-    """Split gathered ``(world, 4 + capacity)`` frames back into payloads or statuses."""
+def write_frame(frame: np.ndarray, payload: bytes | int | None, length: int = 0) -> None:
+    """Fill the reusable frame ``[len | payload | zeros]`` in place: ``payload`` bytes are
+    copied after the length field, a status int goes in it, and ``None`` means the payload
+    (``length`` bytes) is already at ``frame[4:]`` (encoded there, see
+    :meth:`~gradpress.compressors.Compressor.encode_into`)."""
+    capacity = frame.size - 4
+    if isinstance(payload, int):
+        head, length = payload, 0
+    elif payload is not None and len(payload) > capacity:
+        head, length = STATUS_OVERFLOW, 0
+    else:
+        if payload is not None:
+            length = len(payload)
+            frame[4:4 + length] = np.frombuffer(payload, dtype=np.uint8)
+        head = length
+    frame[:4].view("<u4")[0] = head
+    frame[4 + length:] = 0
+
+
+def allgather_frame_async(frame: torch.Tensor, frames: torch.Tensor,
+                          group: dist.ProcessGroup | None = None
+                          ) -> tuple[torch.futures.Future, Callable[[], int]]:
+    """All-gather this rank's filled frame (``4 + capacity`` uint8, see :func:`write_frame`)
+    into the preallocated ``(world, 4 + capacity)`` ``frames``, in one collective; returns
+    ``(future, wire_bytes)`` like :func:`allgather_bytes_async`. The future's value is every
+    rank's entry, as views into ``frames`` (valid until it is reused). Nothing is allocated
+    per call beyond the entries' small views."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(frames.view(-1), frame, group=group, async_op=True)
+    size = frame.numel()
+    return work.get_future().then(lambda fut: _finish(fut, frames, copy=False)), lambda: size
+
+
+def decode_frames(frames: torch.Tensor, copy: bool = True) -> list[Entry]:
+    """Split gathered ``(world, 4 + capacity)`` frames back into payloads (``bytes``, or
+    views into ``frames`` without ``copy``) or statuses."""
     arr = frames.cpu().numpy()
     heads = arr[:, :4].copy().view("<u4").reshape(-1)
     out: list[Entry] = []
@@ -94,7 +129,7 @@ def decode_frames(frames: torch.Tensor) -> list[Entry]:
                             f"capacity {arr.shape[1] - 4}: ranks disagree on the compressor "
                             "or bucket layout")
         else:
-            out.append(arr[r, 4:4 + n].tobytes())
+            out.append(arr[r, 4:4 + n].tobytes() if copy else arr[r, 4:4 + n])
     return out
 
 
@@ -124,13 +159,14 @@ def allgather_bytes_async(payload: bytes | int, group: dist.ProcessGroup | None 
     return work.get_future().then(lambda fut: _finish(fut, frames)), lambda: 8 + 4 + cap
 
 
-def _finish(fut: torch.futures.Future, frames: torch.Tensor) -> list[Entry]:
+def _finish(fut: torch.futures.Future, frames: torch.Tensor, copy: bool = True
+            ) -> list[Entry]:
     try:
         fut.value()
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise PeerError(f"gradpress all-gather failed: a peer crashed, stalled past the "
                         f"process group timeout, or left ({type(e).__name__}: {e})") from e
-    return decode_frames(frames)
+    return decode_frames(frames, copy)
 
 
 def allgather_bytes(payload: bytes, group: dist.ProcessGroup | None = None, *,

@@ -71,8 +71,9 @@ def _frames(payloads: list[bytes | int], sizes: list[int]) -> np.ndarray:
     return out
 
 
-def split_frames(buf: np.ndarray, sizes: list[int]) -> list[Entry]:
-    """Frames of ``sizes[i]`` bytes back into payloads or statuses, in rank order."""
+def split_frames(buf: np.ndarray, sizes: list[int], copy: bool = True) -> list[Entry]:
+    """Frames of ``sizes[i]`` bytes back into payloads (``bytes``, or views into ``buf``
+    without ``copy``) or statuses, in rank order."""
     out: list[Entry] = []
     pos = 0
     for r, size in enumerate(sizes):
@@ -83,9 +84,36 @@ def split_frames(buf: np.ndarray, sizes: list[int]) -> list[Entry]:
             raise PeerError(f"rank {r} sent a frame declaring {n} bytes in a frame of "
                             f"{size - 4}: ranks disagree on the compressor or bucket layout")
         else:
-            out.append(buf[pos + 4:pos + 4 + n].tobytes())
+            out.append(buf[pos + 4:pos + 4 + n].tobytes() if copy else buf[pos + 4:pos + 4 + n])
         pos += size
     return out
+
+
+class FrameAllToAll:
+    """The bounded all-to-all over reused buffers: ``send`` and ``recv`` are
+    ``(world, 4 + capacity)`` uint8 tensors, row ``j`` of ``send`` the frame for rank ``j``
+    (filled with :func:`~gradpress.collectives.allgather.write_frame`). One
+    ``all_to_all_single``; :meth:`wait` returns views into ``recv``. Same wire cost as
+    :class:`AllToAll` with a ``capacity``."""
+
+    def __init__(self, send: torch.Tensor, recv: torch.Tensor,
+                 group: dist.ProcessGroup | None = None) -> None:
+        g = _group(group)
+        world = dist.get_world_size(g)
+        self._recv, self._size = recv, send.shape[1]
+        self._work = dist.all_to_all_single(recv.view(-1), send.view(-1), group=group,
+                                            async_op=True)
+        self.traffic = Traffic(sent=(world - 1) * self._size, received=(world - 1) * self._size)
+
+    def wait(self) -> list[Entry]:
+        """Every rank's payload (a view, valid until ``recv`` is reused) or status."""
+        try:
+            self._work.wait()
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise PeerError(f"gradpress all-to-all failed: a peer crashed, stalled past the "
+                            f"process group timeout, or left ({type(e).__name__}: {e})") from e
+        return split_frames(self._recv.numpy().reshape(-1), [self._size] * self._recv.shape[0],
+                            copy=False)
 
 
 class AllToAll:

@@ -38,19 +38,34 @@ def decode_entry(comp: Compressor, entry: bytes, numel: int, sender: int, where:
                         ) from err
 
 
+def _is(entry: Entry, status: int) -> bool:
+    return isinstance(entry, int) and entry == status
+
+
+def prepare_entry(comp: Compressor, entry: Entry, out: torch.Tensor, sender: int, where: str):
+    """``comp.prepare_decode`` of one rank's payload for ``out`` (checked, nothing written
+    yet): the writer ``write(out, add)``; a bad payload raises :class:`PeerError`."""
+    try:
+        return comp.prepare_decode(entry, out)
+    except PayloadError as err:
+        raise PeerError(f"{where}: the payload from rank {sender} is unusable ({err}); "
+                        "corrupted in transit, or do all ranks use the same compressor?"
+                        ) from err
+
+
 def check_statuses(comp: Compressor, entries: list[Entry], where: str) -> None:
     """Raise the same error on every rank that sees these entries: a rank that failed to
     compress, a NaN/Inf gradient, a payload over the declared bound."""
-    failed = [r for r, e in enumerate(entries) if e == STATUS_ERROR]
+    failed = [r for r, e in enumerate(entries) if _is(e, STATUS_ERROR)]
     if failed:
         raise PeerError(f"{where}: rank(s) {failed} failed to compress their gradient (their "
                         "own logs say why); this rank stops with them")
-    nonfinite = [r for r, e in enumerate(entries) if e == STATUS_NONFINITE]
+    nonfinite = [r for r, e in enumerate(entries) if _is(e, STATUS_NONFINITE)]
     if nonfinite:
         raise NonFiniteGradientError(
             f"{where}: rank(s) {nonfinite} had NaN/Inf gradients; fix the loss or clip, or "
             "use CompressionState(on_nonfinite='skip')")
-    over = [r for r, e in enumerate(entries) if e == STATUS_OVERFLOW]
+    over = [r for r, e in enumerate(entries) if _is(e, STATUS_OVERFLOW)]
     if over:
         raise PeerError(f"{where}: rank(s) {over} produced payloads larger than "
                         f"{comp.name}'s declared bound; report this as a bug")
@@ -68,7 +83,7 @@ def mean_of_payloads(comp: Compressor, entries: list[Entry], rank: int,
     decode leaves it untouched.
     """
     check_statuses(comp, entries, where)
-    valid = [r for r, e in enumerate(entries) if isinstance(e, bytes)]
+    valid = [r for r, e in enumerate(entries) if not isinstance(e, int)]
     if not valid:
         return torch.zeros(numel, dtype=torch.float32, device=device)
     if len(valid) != 2:
@@ -89,3 +104,28 @@ def mean_of_payloads(comp: Compressor, entries: list[Entry], rank: int,
             acc.add_(dec)
     acc = first.clone() if acc is None else acc
     return acc.div_(len(valid))
+
+
+def mean_into(comp: Compressor, entries: list[Entry], rank: int, own: torch.Tensor | None,
+              out: torch.Tensor, where: str) -> torch.Tensor:
+    """:func:`mean_of_payloads` written into ``out`` (flat float32, reused across steps)
+    with no new full-size tensor: every payload is checked first
+    (:meth:`~gradpress.compressors.Compressor.prepare_decode`), so a bad one raises
+    :class:`PeerError` with ``out`` untouched; then ``out = dec_0``, ``out += dec_r`` in
+    rank order, ``out /= n``: the same float operations as :func:`mean_of_payloads`.
+    ``own`` is this rank's decoded message where it is at hand (else its bytes are
+    decoded like the others')."""
+    check_statuses(comp, entries, where)
+    valid = [r for r, e in enumerate(entries) if not isinstance(e, int)]
+    if not valid:
+        return out.zero_()
+    writers = []
+    for r in valid:
+        if r == rank and own is not None:
+            src = own.reshape(-1)
+            writers.append(lambda o, add, src=src: o.add_(src) if add else o.copy_(src))
+            continue
+        writers.append(prepare_entry(comp, entries[r], out, r, where))
+    for n, write in enumerate(writers):
+        write(out, n > 0)
+    return out.div_(len(valid))

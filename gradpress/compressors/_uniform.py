@@ -27,6 +27,7 @@ from gradpress.codec import BitReader, BitWriter, huffman, read_categorical, wri
 from gradpress.codec.packing import pack_uint8
 from gradpress.compressors.base import Compressor
 from gradpress.errors import PayloadError
+from gradpress.kernels import fused as fk
 from gradpress.kernels import quantize as fc
 from gradpress.kernels import torch_codes as tc
 from gradpress.payload import header_size
@@ -243,6 +244,27 @@ class UniformQuantizer(Compressor):
         if self.levels < 1 << self.width and bool((sym >= self.levels).any()):
             raise PayloadError(f"{self.name} payload holds a symbol outside 0..{self.levels - 1}")
         return self._dequantize(torch.from_numpy(scale).to(device), sym)
+
+    def _prepare_body(self, body: np.ndarray, numel: int):
+        """The dense code's checked writer (``out_i (+)= (sym_i - c) M_j / gain``); other
+        modes decode through :meth:`_decode`."""
+        if body[0] != DENSE or type(self)._decode is not UniformQuantizer._decode or (
+                type(self)._dequantize is not UniformQuantizer._dequantize):
+            return None
+        nb = fc.n_buckets(numel, self.bucket_size)
+        off = 1 + 4 * nb
+        if body.size != off + math.ceil(numel * self.width / 8):
+            raise PayloadError(f"{self.name} dense body has {body.size} bytes, "
+                               f"{numel} symbols need {off + math.ceil(numel * self.width / 8)}")
+        scale = fc.read_scales(body[1:off].view(">f4"))
+        top = fk._max_symbol(body, off, numel, self.width)
+        if top == 256:
+            raise PayloadError(f"{self.name} payload extended past its last field")
+        if top >= self.levels:
+            raise PayloadError(f"{self.name} payload holds a symbol outside 0..{self.levels - 1}")
+        inv = (scale.astype(np.float64) / self.gain).astype(np.float32)
+        b, c, w = self._bucket_len(numel), np.float32(self.offset), self.width
+        return lambda out, add: fk._unpack_dequantize(body, off, numel, w, b, inv, c, add, out)
 
     def _dequantize(self, scale: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
         """Decoded values of symbols ``sym`` (``uint8``) under float32 bucket ``scale``:

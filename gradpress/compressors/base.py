@@ -16,14 +16,61 @@ checks, dtype/shape bookkeeping and the :class:`~gradpress.payload.Payload` head
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from gradpress.errors import NonFiniteGradientError, PayloadError
-from gradpress.payload import DTYPE_CODES, Payload, config_digest, header_size
+from gradpress.payload import (
+    DTYPE_CODES,
+    Payload,
+    PayloadHeader,
+    PayloadView,
+    config_digest,
+    header_size,
+    read_header,
+)
+
+#: What ``decode_into`` reads: a parsed payload, its bytes, or a uint8 array/tensor view.
+PayloadLike = Payload | PayloadView | bytes | bytearray | memoryview | np.ndarray | torch.Tensor
+
+
+def body_of(payload: PayloadLike) -> np.ndarray:
+    """The serialized payload as a ``uint8`` numpy view (no copy)."""
+    if isinstance(payload, PayloadView):
+        return payload.array
+    if isinstance(payload, torch.Tensor):
+        if payload.dtype != torch.uint8 or payload.device.type != "cpu":
+            raise ValueError("a payload tensor must be uint8 on the CPU")
+        return payload.reshape(-1).numpy()
+    if isinstance(payload, np.ndarray):
+        return payload.reshape(-1).view(np.uint8)
+    return np.frombuffer(payload, dtype=np.uint8)
+
+
+def _parse(payload: PayloadLike) -> tuple[Payload | PayloadHeader, np.ndarray]:
+    """Header and body view of ``payload``, length and CRC checked (no body copy)."""
+    if isinstance(payload, Payload):
+        return payload, np.frombuffer(payload.body, dtype=np.uint8)
+    data = body_of(payload)
+    head = read_header(data)
+    if data.size != head.size:
+        kind = "truncated" if data.size < head.size else "extended"
+        raise PayloadError(f"payload {kind}: header declares {head.size} bytes, "
+                           f"got {data.size}")
+    body = data[head.header_size:]
+    if head.crc:
+        pos = head.header_size - 4
+        want = int(data[pos:pos + 4].view("<u4")[0])
+        if zlib.crc32(body, zlib.crc32(data[:pos])) != want:
+            raise PayloadError("payload CRC32 mismatch: the bytes were corrupted in transit")
+    return head, body
 
 FLOAT_DTYPES = tuple(DTYPE_CODES)
 
@@ -141,10 +188,82 @@ class Compressor(ABC):
             flat = check_decoded(flat, payload.dtype)
         return flat.reshape(payload.shape).to(payload.dtype)
 
+    def encode_into(self, out: torch.Tensor | np.ndarray, x: torch.Tensor, *, seed: int = 0,
+                    crc: bool = False) -> PayloadView:
+        """``encode(x, seed=seed)`` serialized into the reusable ``uint8`` buffer ``out``
+        (from byte 0; at least :meth:`max_payload_bytes` plus the CRC's 4 bytes): the same
+        bytes as ``encode(x).to_bytes()``, as a :class:`~gradpress.payload.PayloadView`.
+        Allocation-free for the uniform quantizers' dense code and scaled sign on CPU
+        float32 (:mod:`gradpress.compressors.fused`); otherwise encode, then copy."""
+        from gradpress.compressors.fused import _u8, fused_encode
+
+        buf = _u8(out)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.layout == torch.strided:
+            view = fused_encode(self, x.detach(), buf, seed=seed, crc=crc)
+            if view is not None:
+                return view
+        raw = dataclasses.replace(self.encode(x, seed=seed), crc=crc).to_bytes()
+        if len(raw) > buf.size:
+            raise ValueError(f"payload buffer holds {buf.size} bytes, the payload has "
+                             f"{len(raw)}")
+        buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        return PayloadView(buf[:len(raw)], len(raw))
+
+    def decode_into(self, out: torch.Tensor, payload: PayloadLike, *, add: bool = False
+                    ) -> torch.Tensor:
+        """``out = decode(payload)`` (``add=False``) or ``out += decode(payload)``, with
+        ``out`` any tensor of the payload's element count (written flat, in its dtype).
+        Every check runs before ``out`` is written: a bad payload raises
+        :class:`PayloadError` and leaves ``out`` untouched. Allocation-free for the
+        uniform quantizers' dense code and scaled sign into a contiguous CPU float32
+        ``out`` from a float32 payload; otherwise decode, then copy (or add)."""
+        self.prepare_decode(payload, out)(out, add)
+        return out
+
+    def prepare_decode(self, payload: PayloadLike, out: torch.Tensor
+                       ) -> Callable[[torch.Tensor, bool], None]:
+        """Check ``payload`` fully for a decode into ``out``; return ``write(out, add)``,
+        which cannot fail. Callers that combine several payloads (a mean) check them all
+        before writing any."""
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            raise ValueError("decode_into needs a floating-point tensor to write into")
+        head, body = _parse(payload)
+        self._check_own(head)
+        n = head.numel
+        if n != out.numel():
+            raise PayloadError(f"payload holds {n} elements, the output tensor has "
+                               f"{out.numel()}")
+        write = None
+        if (n and head.dtype == torch.float32 and out.dtype == torch.float32
+                and out.device.type == "cpu" and out.is_contiguous()):
+            self._check_body_len(body.size, n)
+            write = self._prepare_body(body, n)
+        if write is None:
+            full = payload if isinstance(payload, Payload) else Payload.from_bytes(body_of(
+                payload))
+            dec = self.decode(full, device=out.device).reshape(-1)
+
+            def write(o: torch.Tensor, add: bool) -> None:  # any layout of ``out``
+                src = dec.reshape(o.shape)
+                o.add_(src) if add else o.copy_(src)
+            return write
+        return lambda o, add: write(o.view(-1).numpy(), add)
+
+    def _prepare_body(self, body: np.ndarray, numel: int
+                      ) -> Callable[[np.ndarray, bool], None] | None:
+        """A checked writer of the body's values into a float32 numpy array, or ``None``
+        (the default) where this compressor (or this body's mode) has no fast decoder."""
+        return None
+
     def _own_payload(self, payload: Payload | bytes) -> Payload:
         """Parse bytes if needed and check the payload was made by this compressor."""
         if not isinstance(payload, Payload):
             payload = Payload.from_bytes(payload)
+        self._check_own(payload)
+        return payload
+
+    def _check_own(self, payload: Payload | PayloadHeader) -> None:
+        """Raise :class:`PayloadError` unless this compressor, so configured, made it."""
         if payload.compressor_id != self.compressor_id:
             raise PayloadError(f"payload was made by compressor id {payload.compressor_id}, "
                                f"this is {self.name!r} (id {self.compressor_id})")
@@ -159,7 +278,6 @@ class Compressor(ABC):
                 f"decoder's 0x{mine:04x} for shape {payload.shape}: it was encoded by a "
                 f"{self.name} other than {self!r}{seen}; build the decoder with the "
                 "encoder's config(), or the header's shape was altered")
-        return payload
 
     def _guess_config(self, digest: int, shape: tuple[int, ...]) -> dict[str, Any] | None:
         """The encoder's config when it differs from ours in one parameter with a common

@@ -23,6 +23,8 @@ from gradpress.codec import BitReader, BitWriter
 from gradpress.compressors._uniform import _check_bucket
 from gradpress.compressors.base import Compressor
 from gradpress.compressors.registry import register
+from gradpress.errors import PayloadError
+from gradpress.kernels import fused as fk
 from gradpress.kernels import quantize as fc
 from gradpress.kernels import torch_codes as tc
 
@@ -58,6 +60,17 @@ class ScaledSign(Compressor):
         w.write_float32(scale.cpu().numpy())
         w.write_bytes(fc.sign_bits(flat))
         return w.getvalue()
+
+    def _prepare_body(self, body: np.ndarray, numel: int):
+        """Checked writer of ``out_i (+)= (bit_i - 1/2)(-2 m_j)`` (the decoder's values)."""
+        nb = fc.n_buckets(numel, self.bucket_size)
+        scale = fc.read_scales(body[:4 * nb].view(">f4"), "bucket mean")
+        if fk._max_symbol(body, 4 * nb, numel, 1) == 256:
+            raise PayloadError("sign payload extended past its last field")
+        neg2m = -2.0 * scale
+        b = min(self.bucket_size or numel, numel)
+        return lambda out, add: fk._unpack_dequantize(body, 4 * nb, numel, 1, b, neg2m,
+                                                      np.float32(0.5), add, out)
 
     def _decode(self, body: bytes, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         r = BitReader(body)

@@ -29,6 +29,15 @@ Algorithm, per gradient bucket ``g`` (flat, ``d`` elements) on rank ``p`` of ``P
 Fast path: ``fp16``/``bf16`` without feedback are codes that add linearly, so they
 all-reduce ``g/P`` in the wire dtype exactly like PyTorch's ``fp16_compress_hook``.
 
+Allocation-free path (bounded frames on CPU, ``on_nonfinite="raise"``): each bucket index
+keeps its frame, gathered frames and scratch (:class:`~gradpress.ddp.state.BucketBuffers`);
+steps 1-2 write the payload straight into the frame and, for ECQ-SGD/EF/no feedback with a
+dense fixed-width uniform code or sign, run as one fused pass pair that updates the residual
+in place (:mod:`gradpress.feedback.fused`, same bytes and residual as steps 1-2 above); step
+4 checks every payload, then decodes them into the bucket in rank order
+(:func:`~gradpress.collectives.average.mean_into`). No ``bytes`` object and no new
+full-size tensor per bucket after the first step (``tests/test_fused.py``).
+
 Bits: each rank's payload costs ``len(payload.to_bytes())`` (the compressor's formula in
 its module); the frame adds 4 bytes of length and the padding up to the bound. Both are
 counted (``payload_bytes`` and ``wire_bytes``), per step and in total; counts are what
@@ -44,6 +53,7 @@ stable).
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -53,13 +63,24 @@ from gradpress.collectives.allgather import (
     STATUS_SKIP,
     Entry,
     allgather_bytes_async,
+    allgather_frame_async,
+    comm_device,
+    write_frame,
 )
-from gradpress.collectives.average import mean_of_payloads
-from gradpress.collectives.two_phase import TwoPhaseBucket
+from gradpress.collectives.average import mean_into, mean_of_payloads
+from gradpress.collectives.two_phase import TwoPhaseBucket, shard_capacity
 from gradpress.compressors import Compressor
-from gradpress.ddp.state import CompressionState, StepBytes, _mix_seed, payload_bound
+from gradpress.ddp.state import (
+    BucketBuffers,
+    CompressionState,
+    StepBytes,
+    _mix_seed,
+    payload_bound,
+)
 from gradpress.errors import NonFiniteGradientError, PeerError
 from gradpress.feedback import Feedback
+from gradpress.feedback.fused import encode_with_feedback, supports
+from gradpress.payload import PayloadView
 
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket
@@ -92,12 +113,20 @@ def _two_phase(state: CompressionState, buffer: torch.Tensor, index: int, rank: 
     if state.bounded is True and payload_bound(state.compressor, 1) is None:
         raise ValueError(f"compressor {state.compressor.name!r} declares no payload bound; "
                          "use bounded='auto' or False")
+    world = dist.get_world_size(state.group)
+    cap = (shard_capacity(state.compressor, buffer.numel(), world, state.crc)
+           if state.bounded in (True, "auto") else None)
+    reuse = (cap is not None and state.on_nonfinite == "raise"
+             and comm_device(state.group).type == "cpu")
+    bufs = state._shard_buffers_for(index, world, cap, buffer.numel()) if reuse else None
+    out = (buffer if reuse and buffer.dtype == torch.float32 and buffer.is_contiguous()
+           and buffer.dim() == 1 else None)
     bucket = TwoPhaseBucket(
         state.compressor, state.feedback, state.server_feedback, key, buffer,
         seed_of=lambda j, side: _mix_seed(state.seed, it, index, rank, j, side),
         group=state.group, bounded=state.bounded in (True, "auto"), crc=state.crc,
         on_nonfinite=state.on_nonfinite, where=f"step {it}, bucket {index}",
-        undo=step.undo if state.on_nonfinite == "skip" else None)
+        undo=step.undo if state.on_nonfinite == "skip" else None, buffers=bufs, out=out)
     result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     state._pending.append((bucket, result, buffer, key, step))
     while len(state._pending) > (0 if is_last else 1):
@@ -131,7 +160,10 @@ def _gather_shards(state: CompressionState, bucket: TwoPhaseBucket,
                 _undo_step(step)
                 buffer.zero_()
             else:
-                buffer.copy_(state.feedback.apply(key, reduced))
+                update = (reduced if _identity_apply(state.feedback)
+                          else state.feedback.apply(key, reduced))
+                if not _same_memory(update, buffer):  # it may have been decoded into it
+                    buffer.copy_(update)
                 if step.skipped:  # another bucket of this step was skipped
                     _undo_step(step)
         except Exception as e:  # noqa: BLE001 - handed to DDP through the future
@@ -181,22 +213,32 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
     local_error: Exception | None = None
     if state.on_nonfinite == "skip":  # pre-step state (commit/apply never mutate it in place)
         step.undo.setdefault((id(fb), key), (fb, fb._state.get(key)))
-    try:
-        mine, sent = _compress_own(comp, fb, key, buffer.detach(), seed, state.crc)
-    except NonFiniteGradientError:
-        mine = STATUS_SKIP if state.on_nonfinite == "skip" else STATUS_NONFINITE
-    except Exception as e:  # noqa: BLE001 - still take part, so peers fail too, not hang
-        mine, local_error = STATUS_ERROR, e
     bound = payload_bound(comp, buffer.numel()) if state.bounded in (True, "auto") else None
     bound = bound + 4 if bound is not None and state.crc else bound  # the CRC32
     if state.bounded is True and bound is None:
         raise ValueError(f"compressor {comp.name!r} declares no payload bound; use "
                          "bounded='auto' or False")
-    if isinstance(mine, bytes):
+    bufs = (state._buffers_for(index, world, bound)
+            if bound is not None and comm_device(state.group).type == "cpu" else None)
+    try:
+        if bufs is not None:  # the reusable frame: no bytes object on the fast path
+            mine, sent = _compress_into(state, bufs, comp, fb, key, buffer.detach(), seed)
+        else:
+            mine, sent = _compress_own(comp, fb, key, buffer.detach(), seed, state.crc)
+    except NonFiniteGradientError:
+        mine = STATUS_SKIP if state.on_nonfinite == "skip" else STATUS_NONFINITE
+    except Exception as e:  # noqa: BLE001 - still take part, so peers fail too, not hang
+        mine, local_error = STATUS_ERROR, e
+    if not isinstance(mine, int):
         step.payload_bytes += len(mine)
         step.payload_lengths[index] = len(mine)
     step.buckets += 1
-    fut, wire = allgather_bytes_async(mine, state.group, capacity=bound)
+    if bufs is not None:
+        write_frame(bufs.frame_np, None if isinstance(mine, PayloadView) else mine,
+                    len(mine) if isinstance(mine, PayloadView) else 0)
+        fut, wire = allgather_frame_async(bufs.frame, bufs.frames, state.group)
+    else:
+        fut, wire = allgather_bytes_async(mine, state.group, capacity=bound)
     step.wire_bytes += wire()
     step.sent_bytes += wire()
     step.received_bytes += (world - 1) * wire()
@@ -206,20 +248,29 @@ def _gather(state: CompressionState, buffer: torch.Tensor, index: int, world: in
         entries: list[Entry] = fut.value()
         if local_error is not None:
             raise local_error
-        step.gathered_payload_bytes += sum(len(e) for e in entries if isinstance(e, bytes))
-        if state.crc and isinstance(mine, bytes) and entries[rank] != mine:
+        if isinstance(mine, PayloadView) and not isinstance(entries[rank], int):
+            own_wire = entries[rank]  # checked against mine below (crc)
+            entries = [*entries[:rank], mine.array, *entries[rank + 1:]]  # own local bytes
+        else:
+            own_wire = entries[rank]
+        step.gathered_payload_bytes += sum(len(e) for e in entries if not isinstance(e, int))
+        if state.crc and not isinstance(mine, int) and not _same_bytes(own_wire, mine):
             raise PeerError(f"step {it}, bucket {index}: the payload from rank {rank} (this "
                             "rank) came back corrupted from the all-gather")
-        if any(e == STATUS_SKIP for e in entries):  # every rank skips the whole step
+        if any(isinstance(e, int) and e == STATUS_SKIP for e in entries):  # all ranks skip
             step.skipped += 1
             _undo_step(step)
             buffer.zero_()
             return buffer
         into = (buffer if buffer.dtype == torch.float32 and buffer.is_contiguous()
                 and buffer.dim() == 1 else None)
-        mean = mean_of_payloads(comp, entries, rank, sent, buffer.numel(), buffer.device,
-                                f"step {it}, bucket {index}", into=into).to(buffer.dtype)
-        update = fb.apply(key, mean)
+        where = f"step {it}, bucket {index}"
+        if into is not None and bufs is not None:  # every payload checked, then summed in
+            mean = mean_into(comp, entries, rank, sent, into, where)
+        else:
+            mean = mean_of_payloads(comp, entries, rank, sent, buffer.numel(), buffer.device,
+                                    where, into=into).to(buffer.dtype)
+        update = mean if _identity_apply(fb) else fb.apply(key, mean)
         if not _same_memory(update, buffer):  # the mean may have been summed into the bucket
             buffer.copy_(update)
         if step.skipped:  # another bucket of this step was skipped after this one began
@@ -251,6 +302,33 @@ def _compress_own(comp: Compressor, fb: Feedback, key: str, grad: torch.Tensor, 
     # grad passed to_send's check; a decoder never returns NaN/Inf: no third and fourth scan
     fb._commit_checked(key, grad, sent.reshape(grad.shape))
     return mine, sent
+
+
+def _compress_into(state: CompressionState, bufs: BucketBuffers, comp: Compressor,
+                   fb: Feedback, key: str, grad: torch.Tensor, seed: int
+                   ) -> tuple[PayloadView | bytes, torch.Tensor | None]:
+    """Steps 1-2 into this bucket's reusable frame: the fused pass
+    (:func:`gradpress.feedback.fused.encode_with_feedback`: payload written at
+    ``frame[4:]``, residual updated in place, ``sent`` not materialized) where the pair has
+    one (dense fixed-width or sign bodies) and no step may need undoing; else
+    :func:`_compress_own`'s bytes."""
+    if state.on_nonfinite == "raise" and supports(comp, fb, grad, dense=True):
+        view = encode_with_feedback(comp, fb, key, grad, bufs.frame_np[4:], seed=seed,
+                                    crc=state.crc, ws=bufs.ws)
+        if view is not None:
+            return view, None
+    return _compress_own(comp, fb, key, grad, seed, state.crc)
+
+
+def _identity_apply(fb: Feedback) -> bool:
+    """Whether ``fb.apply`` is the identity (it then only re-scans the decoded mean)."""
+    return type(fb)._apply is Feedback._apply
+
+
+def _same_bytes(a: Entry, b: PayloadView | bytes) -> bool:
+    b_arr = b.array if isinstance(b, PayloadView) else np.frombuffer(b, dtype=np.uint8)
+    a_arr = a if isinstance(a, np.ndarray) else np.frombuffer(a, dtype=np.uint8)
+    return bool(np.array_equal(a_arr, b_arr))
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -6,10 +6,12 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from gradpress.collectives.two_phase import owner_key
+from gradpress.collectives.two_phase import ShardBuffers, owner_key
 from gradpress.compressors import Compressor, get
+from gradpress.compressors.fused import Workspace
 from gradpress.feedback import Feedback, NoFeedback
 
 STATE_VERSION = 2
@@ -37,6 +39,24 @@ def _mix_seed(*parts: int) -> int:
         z = (z ^ (int(p) & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
         z = (z ^ (z >> 31)) * 0x94D049BB133111EB & _MASK
     return z ^ (z >> 29)
+
+
+class BucketBuffers:
+    """Memory one bucket index reuses every step (allocated at its first step, again only
+    if the bucket's size changes): the all-gather frame this rank fills (``4 + capacity``
+    bytes), the ``(world, 4 + capacity)`` frames every rank's arrive in, and the fused
+    encoder's scratch (:class:`~gradpress.compressors.fused.Workspace`)."""
+
+    def __init__(self, world: int, capacity: int) -> None:
+        self.frame = torch.zeros(4 + capacity, dtype=torch.uint8)
+        self.frame_np = self.frame.numpy()
+        self.frames = torch.zeros(world, 4 + capacity, dtype=torch.uint8)
+        self.ws = Workspace()
+
+    def data_ptrs(self) -> dict[str, int]:
+        """Addresses of every buffer (tests check they stay put across steps)."""
+        return {"frame": self.frame.data_ptr(), "frames": self.frames.data_ptr(),
+                **self.ws.data_ptrs()}
 
 
 @dataclass
@@ -163,6 +183,9 @@ class CompressionState:
         self._current: StepBytes | None = None
         #: two_phase buckets whose all-gather is not issued yet (see ``ddp.hook``)
         self._pending: collections.deque = collections.deque()
+        #: bucket index -> its reusable frames and scratch (:class:`BucketBuffers`)
+        self._buffers: dict[int, BucketBuffers] = {}
+        self._shard_buffers: dict[int, ShardBuffers] = {}  #: the same for two_phase
 
     # -- helpers the hook uses -------------------------------------------------------------
     @property
@@ -198,6 +221,22 @@ class CompressionState:
         self.total_received_bytes += cur.received_bytes
         self._current = None
         self.iter += 1
+
+    def _buffers_for(self, index: int, world: int, capacity: int) -> BucketBuffers:
+        """Bucket ``index``'s :class:`BucketBuffers`, reallocated only when its size changed."""
+        bufs = self._buffers.get(index)
+        if bufs is None or bufs.frames.shape != (world, 4 + capacity):
+            bufs = self._buffers[index] = BucketBuffers(world, capacity)
+        return bufs
+
+    def _shard_buffers_for(self, index: int, world: int, capacity: int, numel: int
+                           ) -> ShardBuffers:
+        """Bucket ``index``'s two-phase :class:`ShardBuffers`, reallocated only when its
+        size changed."""
+        bufs = self._shard_buffers.get(index)
+        if bufs is None or bufs.key != (world, capacity, numel):
+            bufs = self._shard_buffers[index] = ShardBuffers(world, capacity, numel)
+        return bufs
 
     def _key_for(self, index: int, numel: int) -> str:
         """Feedback key of bucket ``index``; forgets its residual if the bucket was rebuilt."""

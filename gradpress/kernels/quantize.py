@@ -234,13 +234,19 @@ def signs_times(bits: np.ndarray, n: int, bucket_size: int | None, m: np.ndarray
     return torch.from_numpy(out)
 
 
+def uses_norm_kernel(nb: int, norm: str) -> bool:
+    """Whether :func:`bucket_scales` takes its compiled kernel for ``nb`` buckets on CPU
+    (else torch's reductions, whose summation order only torch reproduces)."""
+    return nb >= 4 * _jit.threads() and norm in ("l2", "linf")
+
+
 def bucket_scales(flat: torch.Tensor, bucket_size: int | None, norm: str) -> torch.Tensor:
     """Per-bucket ``l2`` or ``linf`` norm (float32, on ``flat``'s device); a compiled kernel
     on CPU when there are enough buckets to share out, torch's reductions otherwise."""
     n = flat.numel()
     b = min(bucket_size or n, n)
     nb = n_buckets(n, b)
-    if flat.device.type != "cpu" or nb < 4 * _jit.threads() or norm not in ("l2", "linf"):
+    if flat.device.type != "cpu" or not uses_norm_kernel(nb, norm):
         return bucket_reduce(flat, b, norm)
     out = np.empty(nb, dtype=np.float32)
     _bucket_norms(flat.numpy(), b, norm == "l2", out)
