@@ -50,18 +50,20 @@ _LOCK = threading.Lock()
 @contextlib.contextmanager
 def _file_lock(path: str, create_dir: bool):
     """Hold an exclusive ``flock`` on ``path`` (created if missing; its directory too with
-    ``create_dir``); without ``fcntl`` or when the file cannot be opened, no lock."""
+    ``create_dir``); without ``fcntl``, or when the file cannot be opened or locked (a
+    read-only or lock-less file system), no lock: numba's own behaviour."""
     fd = None
     if fcntl is not None:
         try:
             if create_dir:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
+            if fd is not None:
+                os.close(fd)
             fd = None
     try:
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
